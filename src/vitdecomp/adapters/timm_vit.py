@@ -1,0 +1,218 @@
+"""timm ``VisionTransformer`` (DeiT, DeiT3, DINO, DINOv2 +/- registers, AugReg, CLIP towers).
+
+Module paths read (timm 1.0): ``patch_embed``, ``cls_token``, ``reg_token``,
+``num_prefix_tokens``, ``blocks[i].{norm1, attn.{qkv, q_norm, k_norm, norm, proj}, ls1,
+norm2, mlp.fc2, ls2}``, ``norm``, ``global_pool``, ``fc_norm``, ``attn_pool``, ``head``.
+
+The representation is timm's pre-logits feature,
+``forward_head(forward_features(x), pre_logits=True)``; logits are that times
+``head.weight^T`` plus ``head.bias``. Fused (SDPA) and eager attention are both fine:
+the pattern rows are recomputed from the captured ``qkv`` output.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UnsupportedModelError
+from ..readout import FrozenNorm, ViTReadout
+from .base import AttentionMap, BlockMap, CapturePoint, Preprocessing, ViTMap, register_adapter
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["TimmViTAdapter"]
+
+
+def _ls_gamma(module: Any, name: str) -> torch.Tensor | None:
+    from torch import nn
+
+    if module is None or isinstance(module, nn.Identity):
+        return None
+    gamma = getattr(module, "gamma", None)
+    if gamma is None:
+        raise UnsupportedModelError(f"{name}: layer scale {type(module).__name__} has no `gamma`")
+    return gamma
+
+
+class TimmViTAdapter:
+    family = "timm-vit"
+    description = "timm VisionTransformer: DeiT, DeiT3, DINO, DINOv2 (+registers), AugReg, CLIP (cls/avg pooling)"
+
+    def matches(self, module: nn.Module) -> bool:
+        try:
+            from timm.models.vision_transformer import VisionTransformer
+        except ImportError:
+            return False
+        return isinstance(module, VisionTransformer)
+
+    def _block(self, i: int, blk: nn.Module) -> BlockMap:
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block
+        from torch import nn
+
+        name = f"blocks.{i}"
+        if type(blk) is not Block:
+            raise UnsupportedModelError(
+                f"{name}: block type {type(blk).__name__} is not the pre-norm timm Block "
+                "(post-norm, parallel and scaled blocks mix components non-linearly)"
+            )
+        attn = blk.attn
+        if type(attn) is not Attention:
+            raise UnsupportedModelError(f"{name}.attn: attention type {type(attn).__name__} is not supported")
+        if not isinstance(attn.norm, nn.Identity):
+            raise UnsupportedModelError(
+                f"{name}.attn.norm: scale_norm normalises across merged heads before `proj`, "
+                "so heads are no longer separable"
+            )
+        if getattr(attn, "gate", None) is not None:
+            raise UnsupportedModelError(f"{name}.attn.gate: gated attention output is not supported yet")
+        if not isinstance(blk.drop_path1, nn.Identity) and blk.training:
+            raise UnsupportedModelError(f"{name}: drop_path active in training mode")
+        n_heads, d_head = attn.num_heads, attn.head_dim
+        w_proj = attn.proj.weight  # [d, H*dh]
+        d = w_proj.shape[0]
+        w_out = w_proj.T.reshape(n_heads, d_head, d)
+        qkv_bias = attn.qkv.bias
+        v_bias = qkv_bias[2 * n_heads * d_head :].reshape(n_heads, d_head) if qkv_bias is not None else None
+        q_norm, k_norm = attn.q_norm, attn.k_norm
+
+        def qkv(caps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            x = caps["qkv"]
+            b, n, _ = x.shape
+            q, k, v = x.reshape(b, n, 3, n_heads, d_head).permute(2, 0, 3, 1, 4).unbind(0)
+            return q_norm(q), k_norm(k), v
+
+        ls2 = _ls_gamma(blk.ls2, f"{name}.ls2")
+        fc2 = getattr(blk.mlp, "fc2", None)
+        w_mlp_out = b_mlp_out = None
+        hidden = None
+        if isinstance(fc2, nn.Linear):
+            w_mlp_out = fc2.weight.T if ls2 is None else fc2.weight.T * ls2
+            if fc2.bias is not None:
+                b_mlp_out = fc2.bias if ls2 is None else fc2.bias * ls2
+            hidden = CapturePoint(fc2, "input", "mlp_hidden")
+        return BlockMap(
+            module=blk,
+            attn=AttentionMap(
+                n_heads=n_heads,
+                d_head=d_head,
+                scale=float(attn.scale),
+                w_out=w_out,
+                b_out=attn.proj.bias,
+                v_bias=v_bias,
+                captures=[CapturePoint(attn.qkv, "output", "qkv")],
+                qkv=qkv,
+            ),
+            ls1=_ls_gamma(blk.ls1, f"{name}.ls1"),
+            mlp_write=CapturePoint(blk.ls2, "output", "mlp_write"),
+            mlp_hidden=hidden,
+            w_mlp_out=w_mlp_out,
+            b_mlp_out=b_mlp_out,
+        )
+
+    def vit_map(self, module: nn.Module) -> ViTMap:
+        m: Any = module
+        if getattr(m, "attn_pool", None) is not None:
+            raise UnsupportedModelError(
+                f"{type(m).__name__}.attn_pool: global_pool={m.global_pool!r} (attention pooling) "
+                "is decomposed by the attention-pooling engine, not available in this version"
+            )
+        distilled = type(m).__name__ == "VisionTransformerDistilled"
+        pool = m.global_pool
+        n_prefix = int(m.num_prefix_tokens)
+        has_cls = m.cls_token is not None
+        if distilled:
+            readout_pool, tokens = "tokens", (0, 1)
+        elif pool == "token":
+            if not has_cls:
+                raise UnsupportedModelError("global_pool='token' without a class token")
+            readout_pool, tokens = "cls", ()
+        elif pool == "avg":
+            readout_pool, tokens = "avg", ()
+        else:
+            raise UnsupportedModelError(
+                f"global_pool={pool!r}: only 'token' and 'avg' pooling are linear "
+                "('max'/'avgmax' are not; '' returns every token)"
+            )
+        readout = ViTReadout(
+            token_norm=FrozenNorm.from_module(m.norm, "norm"),
+            pool=readout_pool,  # type: ignore[arg-type]
+            pooled_norm=FrozenNorm.from_module(m.fc_norm, "fc_norm"),
+            pool_start=0 if getattr(m, "pool_include_prefix", False) else n_prefix,
+            pool_tokens=tokens,
+        )
+        blocks = [self._block(i, blk) for i, blk in enumerate(m.blocks)]
+        prefix = (["cls"] if has_cls else []) + ["reg"] * (n_prefix - int(has_cls))
+        patch = m.patch_embed.patch_size
+        patch_size = (int(patch[0]), int(patch[1])) if isinstance(patch, (tuple, list)) else (int(patch),) * 2
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return m.forward_head(m.forward_features(x), pre_logits=True)
+
+        return ViTMap(
+            blocks=blocks,
+            readout=readout,
+            n_prefix=n_prefix,
+            prefix_types=tuple(prefix),
+            patch_size=patch_size,  # type: ignore[arg-type]
+            forward=forward,
+        )
+
+    def preprocessing(self, module: nn.Module) -> Preprocessing:
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=module)
+        size = cfg["input_size"][-2:]
+        img_size = getattr(getattr(module, "patch_embed", None), "img_size", None)
+        if img_size is not None:  # the built size wins over the pretrained config's
+            size = tuple(img_size)
+        return Preprocessing(
+            input_size=(int(size[0]), int(size[1])),
+            mean=tuple(float(x) for x in cfg["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in cfg["std"]),  # type: ignore[arg-type]
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            crop_pct=float(cfg.get("crop_pct", 1.0)),
+            source="timm.data.resolve_data_config",
+        )
+
+    def classifier(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        from torch import nn
+
+        head = getattr(module, "head", None)
+        if isinstance(head, nn.Linear):
+            return head.weight, head.bias
+        return None
+
+
+register_adapter(TimmViTAdapter())
+
+
+def load_timm(name: str, *, pretrained: bool, checkpoint: Any = None) -> Any:
+    """``timm.create_model(name)`` with pretrained weights, a local checkpoint, or random init."""
+    import timm
+
+    from ..errors import InputError
+    from ..model import Model, load_checkpoint, weights_unavailable
+
+    if not timm.is_model(name):
+        raise InputError(f"timm has no model named {name!r} (see timm.list_models())")
+    use_hub = pretrained and checkpoint is None
+    try:
+        module = timm.create_model(name, pretrained=use_hub)
+    except Exception as exc:
+        if use_hub:
+            raise weights_unavailable(f"timm:{name}", exc) from exc
+        raise
+    weights = f"pretrained:{name}" if use_hub else "random-init"
+    if checkpoint is not None:
+        weights = load_checkpoint(module, checkpoint)
+    module.eval()
+    transform = None
+    try:
+        from timm.data import create_transform, resolve_data_config
+
+        transform = create_transform(**resolve_data_config({}, model=module))
+    except Exception:  # pragma: no cover - older timm
+        transform = None
+    return Model(module, name=f"timm:{name}", weights=weights, transform=transform)

@@ -1,0 +1,156 @@
+"""``decompose()``: split a model's representation exactly into its components.
+
+One hooked forward pass of the unmodified model captures what the direct effects need;
+the readout is applied with frozen statistics; the result is checked against the model's
+own output before it is returned (METHOD §2).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import InputError
+from .stack import ComponentStack, default_rtol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .model import Model
+
+__all__ = ["decompose"]
+
+log = logging.getLogger(__name__)
+
+_GRANULARITIES = ("layer", "head", "head_token")
+_LN_MODES = ("centered", "anchor")
+_BIAS_MODES = ("explicit", "anchor", "split")
+
+
+def decompose(
+    model: Model | nn.Module,
+    pixels: torch.Tensor,
+    *,
+    granularity: Literal["layer", "head", "head_token"] = "head",
+    start_layer: int = 0,
+    ln_mode: Literal["centered", "anchor"] = "centered",
+    bias_mode: Literal["explicit", "anchor", "split"] = "explicit",
+    mlp_neurons: bool = False,
+    directions: torch.Tensor | None = None,
+    normalize: bool = False,
+    dtype: torch.dtype | None = None,
+    check: bool = True,
+    rtol: float | None = None,
+) -> ComponentStack:
+    """Decompose the representation of ``pixels`` into direct component contributions.
+
+    With ``x^{s-1}`` the residual stream entering block ``s = start_layer``,
+
+        z = R(x^{s-1}) + sum_{l >= s} [ sum_h R(c_{l,h}) + R(b_l) + R(m_l) ] + kappa,
+
+    where ``R`` is the readout (final norm with frozen statistics, pooling, projection)
+    without its constants, ``c_{l,h}`` head ``h``'s write, ``b_l`` the attention biases,
+    ``m_l`` the MLP write and ``kappa`` the readout constants (the ``bias`` row).
+
+    Args:
+        model: a :class:`~vitdecomp.Model` (from ``load``/``wrap``) or a stock module.
+        pixels: ``[batch, 3, H, W]`` preprocessed images.
+        granularity: ``"layer"`` (attention and MLP per block), ``"head"`` (every head),
+            ``"head_token"`` (every head split by source token: values ``[comp, batch, token, d]``).
+        start_layer: first block decomposed; everything before it is one exact ``rest`` row
+            (``embed`` when 0). Negative counts from the end.
+        ln_mode: ``"centered"`` (each component centred; default) or ``"anchor"`` (published
+            convention, constants split over components), METHOD §2.2.
+        bias_mode: ``"explicit"`` (per-layer ``Lxx.bias`` rows), ``"anchor"`` (value bias kept
+            in the values, output bias split over heads) or ``"split"`` (all constants split
+            equally), METHOD §2.1.
+        mlp_neurons: split each MLP into per-neuron terms ``act_n W_out[:, n]`` plus ``Lxx.mlp_bias``.
+        directions: ``[k, d_z]``: return contributions to these directions only (values
+            ``[..., k]``); for ``head_token`` the projection happens before the token expansion.
+        normalize: divide every term by ``||z||`` so dot products with unit texts are cosines.
+        dtype: ``torch.float64`` runs the model itself in float64 (tolerance 1e-10);
+            default: the model's dtype (float32: tolerance 1e-5).
+        check: raise :class:`~vitdecomp.errors.DecompositionError` above tolerance.
+        rtol: override the tolerance.
+
+    Returns:
+        A :class:`ComponentStack` whose rows sum to the model's own representation.
+    """
+    import torch
+
+    from .engines.vit import decompose_vit
+    from .model import wrap
+
+    if granularity not in _GRANULARITIES:
+        raise InputError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+    if ln_mode not in _LN_MODES:
+        raise InputError(f"ln_mode must be one of {_LN_MODES}, got {ln_mode!r}")
+    if bias_mode not in _BIAS_MODES:
+        raise InputError(f"bias_mode must be one of {_BIAS_MODES}, got {bias_mode!r}")
+    m = wrap(model)
+    if not isinstance(pixels, torch.Tensor):
+        raise InputError(f"pixels must be a tensor [batch, 3, H, W], got {type(pixels).__name__}")
+    if pixels.dim() == 3:
+        raise InputError("pixels must be a batch [batch, 3, H, W]; add a batch axis with pixels[None]")
+    if pixels.dim() != 4 or pixels.shape[0] == 0:
+        raise InputError(f"pixels must be [batch, 3, H, W], got shape {tuple(pixels.shape)}")
+    if not torch.is_floating_point(pixels):
+        raise InputError("pixels must be a float tensor (preprocessed, normalised)")
+    if directions is not None and (directions.dim() != 2):
+        raise InputError(f"directions must be [k, d], got shape {tuple(directions.shape)}")
+
+    run_dtype = dtype or m.dtype
+    compute_dtype = torch.float64 if run_dtype == torch.float64 else torch.float32
+    tol = rtol if rtol is not None else default_rtol(run_dtype)
+    with _prepared(m.module, run_dtype):
+        vmap = m.vit_map
+        x = pixels.to(device=m.device, dtype=run_dtype)
+        try:
+            stack = decompose_vit(
+                vmap,
+                x,
+                granularity=granularity,
+                start_layer=start_layer,
+                ln_mode=ln_mode,
+                bias_mode=bias_mode,
+                mlp_neurons=mlp_neurons,
+                directions=directions,
+                normalize=normalize,
+                compute_dtype=compute_dtype,
+                meta={"model": m.name, "family": m.family, "weights": m.weights, "dtype": str(run_dtype).replace("torch.", ""), "rtol": tol},
+            )
+        except (AssertionError, RuntimeError) as exc:
+            if "size" in str(exc).lower() or "shape" in str(exc).lower() or "match" in str(exc).lower():
+                raise InputError(
+                    f"the model rejected pixels of shape {tuple(pixels.shape)}: {exc} "
+                    f"(expected input size {m.preprocessing.input_size})"
+                ) from exc
+            raise
+    if check:
+        stack.check(tol)
+    return stack
+
+
+@contextmanager
+def _prepared(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """eval(), no_grad, and (for a different dtype) a temporary cast; all restored on exit."""
+    import torch
+
+    was_training = module.training
+    params = list(module.parameters())
+    original: Any = params[0].dtype if params else dtype
+    if was_training:
+        log.info("decompose: switching %s to eval() for the pass (dropout would break exactness)", type(module).__name__)
+        module.eval()
+    if original != dtype:
+        module.to(dtype)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if original != dtype:
+            module.to(original)
+        if was_training:
+            module.train()

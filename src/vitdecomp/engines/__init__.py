@@ -1,0 +1,1 @@
+"""Decomposition engines, one per architecture shape (isotropic ViT, ...)."""

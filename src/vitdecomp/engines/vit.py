@@ -1,0 +1,406 @@
+"""Direct-effect decomposition of an isotropic (pre-norm) ViT in one hooked forward pass.
+
+The residual stream after the last block is (METHOD §2.1)
+
+    x^L = x^{s-1} + sum_{l >= s} [ sum_h W_O^h sum_t alpha^{l,h}_{.,t} v'_t  +  b^att_l  +  m_l ],
+
+with ``v'_t = W_V^h u_t`` (value bias removed), ``b^att_l = ls1 * (b_O + sum_h W_O^h b_V^h)``
+(valid because attention rows sum to 1) and ``m_l`` the MLP write. The readout
+(:mod:`vitdecomp.readout`) only looks at the pooled positions ``S`` with weights
+``omega_p = w_p / sigma_p``, so for a head only the pooled pattern
+
+    beta^{l,h}_t = sum_{p in S} omega_p alpha^{l,h}_{p,t}                   [batch, H, N]
+
+is needed: queries of the rows in ``S`` only (one row for CLS pooling), never the
+``[batch, query, key, head, d]`` tensor. Head terms are ``(beta v') W_O^h``; token terms
+``beta_t v'_t W_O^h`` (projected onto the requested directions *before* expanding over tokens).
+
+When ``omega`` does not depend on statistics that are only known at the end of the pass
+(no per-token norm, or a single pooled position), each block is reduced inside its hook
+and nothing of it is kept; otherwise the pooled-row patterns are kept until the end.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from ..capture import hooks
+from ..errors import InputError
+from ..labels import ComponentLabel
+from ..stack import ComponentStack, TokenInfo
+
+if TYPE_CHECKING:
+    from ..adapters.base import BlockMap, ViTMap
+
+__all__ = ["decompose_vit", "Granularity", "BiasMode"]
+
+log = logging.getLogger(__name__)
+
+Granularity = Literal["layer", "head", "head_token"]
+BiasMode = Literal["explicit", "anchor", "split"]
+
+
+@dataclass
+class _Plan:
+    n_tokens: int
+    support: torch.Tensor  # [|S|] long
+    w_support: torch.Tensor  # [|S|]
+    separable: bool
+
+
+@dataclass
+class _LayerOut:
+    """Per-block rows, in the residual basis unless ``projected`` says otherwise."""
+
+    heads: torch.Tensor | None = None  # [B, H, d] / [B, H, N, d|K]
+    heads_projected: bool = False
+    bias: torch.Tensor | None = None  # [B, d] / [B, N, d]
+    mlp: torch.Tensor | None = None  # [B, d] / [B, N, d]
+    neurons: torch.Tensor | None = None  # [B, n, d|K]
+    neurons_projected: bool = False
+    mlp_bias: torch.Tensor | None = None  # [B, d]
+
+
+@dataclass
+class _Pass:
+    """Everything one decomposition pass accumulates."""
+
+    plan: _Plan | None = None
+    x_in: torch.Tensor | None = None  # [B, |S|, d]
+    x_out: torch.Tensor | None = None  # [B, |S|, d]
+    caps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    layers: dict[int, _LayerOut] = field(default_factory=dict)
+    stored: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+
+
+def decompose_vit(
+    vmap: ViTMap,
+    pixels: torch.Tensor,
+    *,
+    granularity: Granularity = "head",
+    start_layer: int = 0,
+    ln_mode: str = "centered",
+    bias_mode: BiasMode = "explicit",
+    mlp_neurons: bool = False,
+    directions: torch.Tensor | None = None,
+    normalize: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+    meta: dict[str, Any] | None = None,
+) -> ComponentStack:
+    """Decompose one batch; see :func:`vitdecomp.decompose` for the arguments."""
+    n_layers = len(vmap.blocks)
+    s0 = _resolve_start(start_layer, n_layers)
+    readout = vmap.readout
+    tokens = granularity == "head_token"
+    if mlp_neurons and tokens:
+        raise InputError("mlp_neurons=True is not available with granularity='head_token'")
+    centre = ln_mode == "centered"
+    dt = compute_dtype
+
+    # Image-independent linear maps, precomputed per block.
+    w_out = [blk.attn.w_out.detach().to(dt) for blk in vmap.blocks]
+    ls1 = [blk.ls1.detach().to(dt) if blk.ls1 is not None else None for blk in vmap.blocks]
+    w_out_ls = [w if g is None else w * g for w, g in zip(w_out, ls1)]  # [H, dh, d]
+    dirs = directions.detach().to(dt) if directions is not None else None
+
+    def to_output(rows: torch.Tensor) -> torch.Tensor:
+        """Residual-basis rows [..., d] -> output rows [..., d_z or K] (no per-image scale)."""
+        out = readout.channel_map(rows, centre)
+        return out @ dirs.T if dirs is not None else out
+
+    proj_heads: dict[int, torch.Tensor] = {}
+    if tokens and dirs is not None:
+        proj_heads = {l: to_output(w_out_ls[l]) for l in range(s0, n_layers)}  # [H, dh, K]
+
+    st = _Pass()
+
+    def plan_for(x: torch.Tensor) -> _Plan:
+        if st.plan is None:
+            n = x.shape[1]
+            w = readout.weights(n, dtype=dt, device=x.device)
+            support = torch.nonzero(w, as_tuple=True)[0]
+            st.plan = _Plan(n, support, w[support], readout.separable(len(support)))
+        return st.plan
+
+    def on_block_input(x: torch.Tensor) -> None:
+        plan = plan_for(x)
+        st.x_in = x.index_select(1, plan.support).to(dt).clone()
+
+    def on_last_output(x: torch.Tensor) -> None:
+        st.x_out = x.index_select(1, plan_for(x).support).to(dt).clone()
+
+    def capture(layer: int, key: str, rows_only: bool) -> Any:
+        def fn(x: torch.Tensor) -> None:
+            if rows_only:
+                x = x.index_select(1, plan_for(x).support).to(dt).clone()
+            st.caps.setdefault(layer, {})[key] = x
+
+        return fn
+
+    def on_block_end(layer: int) -> Any:
+        def fn(_: torch.Tensor) -> None:
+            caps = st.caps.pop(layer)
+            plan = st.plan
+            assert plan is not None
+            blk = vmap.blocks[layer]
+            q, k, v = (t.to(dt) for t in blk.attn.qkv(caps))
+            q_rows = q.index_select(2, plan.support)
+            alpha = torch.softmax((q_rows @ k.transpose(-1, -2)) * blk.attn.scale, dim=-1)  # [B,H,|S|,N]
+            if bias_mode != "anchor" and blk.attn.v_bias is not None:
+                v = v - blk.attn.v_bias.detach().to(dt)[None, :, None, :]
+            parts = (alpha, v, caps.get("mlp_write"), caps.get("mlp_hidden"))
+            if plan.separable:
+                st.layers[layer] = pool_block(layer, *parts, omega=plan.w_support[None])
+            else:
+                st.stored[layer] = parts
+
+        return fn
+
+    def pool_block(
+        layer: int,
+        alpha: torch.Tensor,
+        v: torch.Tensor,
+        mlp_rows: torch.Tensor | None,
+        hidden_rows: torch.Tensor | None,
+        omega: torch.Tensor,
+    ) -> _LayerOut:
+        """Reduce one block with position weights ``omega [B or 1, |S|]``."""
+        plan = st.plan
+        assert plan is not None
+        blk = vmap.blocks[layer]
+        out = _LayerOut()
+        beta = torch.einsum("bs,bhst->bht", omega.expand(alpha.shape[0], -1), alpha)  # [B,H,N]
+        weighted_v = beta[..., None] * v  # [B,H,N,dh]
+        if tokens:
+            if layer in proj_heads:
+                out.heads = torch.einsum("bhtd,hdk->bhtk", weighted_v, proj_heads[layer])
+                out.heads_projected = True
+            else:
+                out.heads = torch.einsum("bhtd,hde->bhte", weighted_v, w_out_ls[layer])
+        else:
+            out.heads = torch.einsum("bhd,hde->bhe", weighted_v.sum(2), w_out_ls[layer])
+        out.bias = _place(omega, _attn_bias(blk, bias_mode, dt), plan, tokens)
+        if mlp_neurons:
+            if hidden_rows is None or blk.w_mlp_out is None:
+                raise InputError("this model does not expose MLP hidden activations; use mlp_neurons=False")
+            pooled_act = torch.einsum("bs,bsn->bn", omega.expand(hidden_rows.shape[0], -1), hidden_rows)
+            w_mlp = blk.w_mlp_out.detach().to(dt)
+            if dirs is not None:
+                out.neurons = pooled_act[..., None] * to_output(w_mlp)[None]
+                out.neurons_projected = True
+            else:
+                out.neurons = pooled_act[..., None] * w_mlp[None]
+            b_mlp = blk.b_mlp_out.detach().to(dt) if blk.b_mlp_out is not None else None
+            out.mlp_bias = _place(omega, b_mlp, plan, False)
+        else:
+            assert mlp_rows is not None
+            out.mlp = _place_rows(omega, mlp_rows, plan, tokens)
+        return out
+
+    specs: list[Any] = [(vmap.blocks[s0].module, "input", on_block_input)]
+    for layer in range(s0, n_layers):
+        blk = vmap.blocks[layer]
+        for cp in blk.attn.captures:
+            specs.append((cp.module, cp.where, capture(layer, cp.key, rows_only=False)))
+        specs.append((blk.mlp_write.module, blk.mlp_write.where, capture(layer, "mlp_write", True)))
+        if mlp_neurons and blk.mlp_hidden is not None:
+            hp = blk.mlp_hidden
+            specs.append((hp.module, hp.where, capture(layer, "mlp_hidden", True)))
+        specs.append((blk.module, "output", on_block_end(layer)))
+    specs.append((vmap.blocks[-1].module, "output", on_last_output))
+
+    with hooks(specs):
+        reference = vmap.forward(pixels)
+    if st.plan is None or st.x_out is None or st.x_in is None or len(st.layers) + len(st.stored) != n_layers - s0:
+        raise InputError("the model's forward did not run through its blocks; is this the right model?")
+    plan = st.plan
+    reference = reference.to(dt)
+    batch = reference.shape[0]
+
+    # ---- frozen readout statistics from the captured last-block rows
+    x_out = st.x_out  # [B, |S|, d]
+    w_s = plan.w_support
+    scale = torch.ones(batch, dtype=dt, device=x_out.device)  # tau * rho per image
+    const = torch.zeros(batch, x_out.shape[-1], dtype=dt, device=x_out.device)
+    if readout.token_norm is not None:
+        mu_p, inv_p = readout.token_norm.stats(x_out)  # [B,|S|,1]
+        omega = w_s[None] * inv_p[..., 0]  # [B,|S|]
+        pooled = torch.einsum("s,bsd->bd", w_s, readout.token_norm.apply(x_out))
+        beta1 = readout.token_norm.bias
+        if beta1 is not None:
+            const = const + w_s.sum() * beta1.detach().to(dt)
+        if not centre:
+            gamma1 = readout.token_norm.weight
+            shift = torch.einsum("bs,bs->b", omega, mu_p[..., 0])[:, None]
+            const = const - (gamma1.detach().to(dt) if gamma1 is not None else 1.0) * shift
+        if plan.separable:
+            scale = scale * inv_p[:, 0, 0]
+    else:
+        omega = w_s[None].expand(batch, -1)
+        pooled = torch.einsum("s,bsd->bd", w_s, x_out)
+    if not plan.separable:
+        for layer, parts in sorted(st.stored.items()):
+            st.layers[layer] = pool_block(layer, *parts, omega=omega)
+        st.stored.clear()
+    if readout.pooled_norm is not None:
+        mu2, inv2 = readout.pooled_norm.stats(pooled)
+        if centre:
+            const = readout.pooled_norm.linear(const, True) * inv2
+        else:
+            const = readout.pooled_norm.linear(const - mu2, False) * inv2
+        if readout.pooled_norm.bias is not None:
+            const = const + readout.pooled_norm.bias.detach().to(dt)
+        scale = scale * inv2[:, 0]
+    if readout.proj is not None:
+        const = const @ readout.proj.detach().to(dt)
+    if readout.proj_bias is not None:
+        const = const + readout.proj_bias.detach().to(dt)
+    if dirs is not None:
+        const = const @ dirs.T
+
+    # ---- assemble rows: pooled writes -> output basis, times the per-image scale
+    def finish(rows: torch.Tensor, projected: bool) -> torch.Tensor:
+        out = rows if projected else to_output(rows)
+        return out * scale.view(batch, *([1] * (out.dim() - 1)))
+
+    first = st.x_in
+    if tokens:
+        first_rows = _place_rows(omega if not plan.separable else w_s[None], first, plan, True)
+    else:
+        first_rows = torch.einsum("bs,bsd->bd", (omega if not plan.separable else w_s[None]).expand(batch, -1), first)
+    labels: list[ComponentLabel] = [ComponentLabel("embed" if s0 == 0 else "rest")]
+    rows: list[torch.Tensor] = [finish(first_rows, False)[None]]
+    for layer in range(s0, n_layers):
+        out = st.layers[layer]
+        heads = finish(out.heads, out.heads_projected)  # [B,H,(N),k]
+        n_heads = heads.shape[1]
+        bias = finish(out.bias, False) if out.bias is not None else None
+        if bias is not None and bias_mode in ("anchor", "split"):
+            # the layer's constant, shared equally by its H heads (H*N cells for tokens)
+            if tokens:
+                heads = heads + (bias.sum(1) / (n_heads * plan.n_tokens))[:, None, None, :]
+            else:
+                heads = heads + (bias / n_heads)[:, None, :]
+            bias = None
+        if granularity == "layer":
+            rows.append(heads.sum(1)[None])
+            labels.append(ComponentLabel("attn", layer))
+        else:
+            rows.append(heads.movedim(1, 0))
+            labels.extend(ComponentLabel("head", layer, head=h) for h in range(n_heads))
+        if bias is not None:
+            rows.append(bias[None])
+            labels.append(ComponentLabel("bias", layer))
+        if out.neurons is not None:
+            rows.append(finish(out.neurons, out.neurons_projected).movedim(1, 0))
+            labels.extend(ComponentLabel("neuron", layer, neuron=n) for n in range(out.neurons.shape[1]))
+            if out.mlp_bias is not None:
+                rows.append(finish(out.mlp_bias, False)[None])
+                labels.append(ComponentLabel("mlp_bias", layer))
+        else:
+            assert out.mlp is not None
+            rows.append(finish(out.mlp, False)[None])
+            labels.append(ComponentLabel("mlp", layer))
+    values = torch.cat(rows, dim=0)
+
+    # ---- the readout constant: its own row, or spread over the component rows
+    if tokens:
+        const_rows = (plan.w_support / plan.w_support.sum())[None, :, None] * const[:, None, :]
+        const_tok = torch.zeros(batch, plan.n_tokens, const.shape[-1], dtype=dt, device=const.device)
+        const_tok[:, plan.support] = const_rows
+        const_value = const_tok
+    else:
+        const_value = const
+    if ln_mode == "anchor" or bias_mode == "split":
+        values = values + const_value[None] / values.shape[0]
+    else:
+        values = torch.cat([values, const_value[None]], dim=0)
+        labels.append(ComponentLabel("const"))
+
+    if dirs is not None:
+        reference_out = reference @ dirs.T
+    else:
+        reference_out = reference
+    if normalize:
+        norm = reference.norm(dim=-1).clamp_min(torch.finfo(dt).tiny)
+        values = values / norm.view(1, batch, *([1] * (values.dim() - 2)))
+        reference_out = reference_out / norm[:, None]
+
+    token_info = None
+    if tokens:
+        token_info = _token_info(vmap, pixels, plan.n_tokens)
+    info = dict(meta or {})
+    info.update(
+        granularity=granularity,
+        start_layer=s0,
+        n_layers=n_layers,
+        ln_mode=ln_mode,
+        bias_mode=bias_mode,
+        mlp_neurons=mlp_neurons,
+        normalize=normalize,
+        projected=dirs is not None,
+    )
+    return ComponentStack(
+        values=values,
+        labels=tuple(labels),
+        reference=reference_out,
+        space="projected" if dirs is not None else "model",
+        tokens=token_info,
+        meta=info,
+    )
+
+
+def _resolve_start(start_layer: int, n_layers: int) -> int:
+    s0 = start_layer + n_layers if start_layer < 0 else start_layer
+    if not 0 <= s0 < n_layers:
+        raise InputError(f"start_layer={start_layer} is outside a model with {n_layers} blocks")
+    return s0
+
+
+def _attn_bias(blk: BlockMap, bias_mode: str, dt: torch.dtype) -> torch.Tensor | None:
+    """``ls1 * (b_O + sum_h W_O^h b_V^h)`` (``b_V`` left out in anchor mode, where v keeps it)."""
+    attn = blk.attn
+    total = None
+    if attn.b_out is not None:
+        total = attn.b_out.detach().to(dt)
+    if bias_mode != "anchor" and attn.v_bias is not None:
+        vb = torch.einsum("hd,hde->e", attn.v_bias.detach().to(dt), attn.w_out.detach().to(dt))
+        total = vb if total is None else total + vb
+    if total is not None and blk.ls1 is not None:
+        total = total * blk.ls1.detach().to(dt)
+    return total
+
+
+def _place(omega: torch.Tensor, vec: torch.Tensor | None, plan: _Plan, tokens: bool) -> torch.Tensor | None:
+    """A constant write ``vec [d]`` at every pooled position, weighted by ``omega``."""
+    if vec is None:
+        return None
+    if not tokens:
+        return omega.sum(-1)[:, None] * vec
+    rows = omega[..., None] * vec
+    return _scatter(rows, plan)
+
+
+def _place_rows(omega: torch.Tensor, rows: torch.Tensor, plan: _Plan, tokens: bool) -> torch.Tensor:
+    """Per-position writes ``rows [B, |S|, d]`` pooled (``[B, d]``) or kept per token (``[B, N, d]``)."""
+    weighted = omega.expand(rows.shape[0], -1)[..., None] * rows
+    return _scatter(weighted, plan) if tokens else weighted.sum(1)
+
+
+def _scatter(rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    out = rows.new_zeros(rows.shape[0], plan.n_tokens, rows.shape[-1])
+    out[:, plan.support] = rows
+    return out
+
+
+def _token_info(vmap: ViTMap, pixels: torch.Tensor, n_tokens: int) -> TokenInfo:
+    ph, pw = vmap.patch_size
+    grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
+    n_patch = n_tokens - vmap.n_prefix
+    if grid[0] * grid[1] != n_patch:
+        side = int(round(n_patch**0.5))
+        grid = (side, n_patch // side) if side * (n_patch // side) == n_patch else (1, n_patch)
+    return TokenInfo(types=tuple(vmap.prefix_types) + ("patch",) * n_patch, grid=grid)

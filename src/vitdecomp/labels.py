@@ -1,0 +1,116 @@
+"""Component labels: what each row of a :class:`~vitdecomp.ComponentStack` is.
+
+A label is a small frozen record with a canonical string form::
+
+    embed          the embedding (patch + position + prefix tokens), start_layer == 0
+    rest           everything before ``start_layer`` (embedding and earlier blocks)
+    L07            all of block 7                           (after ``group("layer")``)
+    L07.attn       all heads of block 7 together            (granularity="layer")
+    L07.H03        head 3 of block 7                        (granularity="head")
+    L07.bias       the constant terms of block 7's attention (b_O + sum_h W_O^h b_V^h)
+    L07.mlp        block 7's MLP output (a non-linear leaf)
+    L07.N0123      MLP neuron 123 of block 7                (mlp_neurons=True)
+    L07.mlp_bias   the MLP output bias of block 7           (mlp_neurons=True)
+    bias           constants added by the readout (final norm beta, projection bias)
+    other          the sum of rows removed by ``select(..., keep_rest=True)``
+
+A token index (``t012``) is appended when a stack is flattened over tokens
+(``L07.H03.t012``). Layers count from 0 at the input.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Literal
+
+__all__ = ["ComponentKind", "ComponentLabel", "parse_label"]
+
+ComponentKind = Literal[
+    "embed", "rest", "block", "attn", "head", "bias", "mlp", "neuron", "mlp_bias", "const", "other"
+]
+
+_KINDS_WITH_LAYER = {"block", "attn", "head", "bias", "mlp", "neuron", "mlp_bias"}
+
+
+@dataclass(frozen=True, order=True)
+class ComponentLabel:
+    """One component of a decomposition.
+
+    Attributes:
+        kind: what the component is (see the module docstring).
+        layer: block index counted from 0 at the input, for per-block kinds.
+        head: attention head index, for ``kind == "head"``.
+        neuron: MLP hidden unit index, for ``kind == "neuron"``.
+        token: source token index, only in stacks flattened over tokens.
+        stage: stage index for hierarchical models (None for isotropic ViTs).
+    """
+
+    kind: ComponentKind
+    layer: int | None = None
+    head: int | None = None
+    neuron: int | None = None
+    token: int | None = None
+    stage: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind in _KINDS_WITH_LAYER and self.layer is None:
+            raise ValueError(f"a {self.kind!r} label needs a layer")
+        if self.kind == "head" and self.head is None:
+            raise ValueError("a 'head' label needs a head index")
+        if self.kind == "neuron" and self.neuron is None:
+            raise ValueError("a 'neuron' label needs a neuron index")
+
+    def with_token(self, token: int | None) -> ComponentLabel:
+        """The same label routed through source token ``token``."""
+        return replace(self, token=token)
+
+    def __str__(self) -> str:
+        if self.kind == "const":
+            base = "bias"
+        elif self.kind in ("embed", "rest", "other"):
+            base = self.kind
+        else:
+            prefix = f"S{self.stage}." if self.stage is not None else ""
+            base = f"{prefix}L{self.layer:02d}"
+            if self.kind == "block":
+                pass
+            elif self.kind == "head":
+                base += f".H{self.head:02d}"
+            elif self.kind == "neuron":
+                base += f".N{self.neuron:04d}"
+            else:
+                base += f".{self.kind}"
+        if self.token is not None:
+            base += f".t{self.token:03d}"
+        return base
+
+
+_LABEL_RE = re.compile(
+    r"^(?:S(?P<stage>\d+)\.)?L(?P<layer>\d+)(?:\.(?:H(?P<head>\d+)|N(?P<neuron>\d+)|(?P<kind>attn|bias|mlp|mlp_bias)))?$"
+)
+
+
+def parse_label(text: str) -> ComponentLabel:
+    """Inverse of ``str(label)``.
+
+    >>> str(parse_label("L07.H03.t012"))
+    'L07.H03.t012'
+    """
+    token = None
+    match = re.match(r"^(?P<body>.*)\.t(?P<token>\d+)$", text)
+    if match:
+        text, token = match["body"], int(match["token"])
+    if text in ("embed", "rest", "other"):
+        return ComponentLabel(text, token=token)  # type: ignore[arg-type]
+    if text == "bias":
+        return ComponentLabel("const", token=token)
+    m = _LABEL_RE.match(text)
+    if not m:
+        raise ValueError(f"not a component label: {text!r}")
+    stage = int(m["stage"]) if m["stage"] is not None else None
+    layer = int(m["layer"])
+    if m["head"] is not None:
+        return ComponentLabel("head", layer, head=int(m["head"]), token=token, stage=stage)
+    if m["neuron"] is not None:
+        return ComponentLabel("neuron", layer, neuron=int(m["neuron"]), token=token, stage=stage)
+    return ComponentLabel(m["kind"] or "block", layer, token=token, stage=stage)  # type: ignore[arg-type]

@@ -1,0 +1,279 @@
+"""``Model``: a stock module, the adapter that reads it, and its own preprocessing.
+
+``vd.load("timm:deit_small_patch16_224")`` and friends build the module with its library's
+own factory (weights from the user's hub cache or a local checkpoint); ``vd.wrap(module)``
+takes a module the user already built. Either way the module is not modified: the
+adapter only reads it, and hooks live for one forward pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .adapters.base import Adapter, Preprocessing, ViTMap, adapter_for
+from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["Model", "load", "wrap", "load_checkpoint", "WeightsUnavailableError", "SPEC_PREFIXES"]
+
+log = logging.getLogger(__name__)
+
+SPEC_PREFIXES = ("timm", "open_clip", "hf")
+
+
+class WeightsUnavailableError(InputError):
+    """Pretrained weights could not be found (offline, no cache, no checkpoint)."""
+
+
+class Model:
+    """A stock vision model that vitdecomp can decompose.
+
+    Attributes:
+        module: the unmodified timm / open_clip / transformers module.
+        adapter: the family adapter reading it.
+        name: a readable name (the load spec when loaded by :func:`load`).
+        weights: what the weights are: ``"pretrained:<tag>"``, ``"checkpoint:<sha256>"``,
+            ``"random-init"`` or ``"unknown"`` (wrapped modules); part of store keys.
+        extras: family-specific objects (e.g. the full CLIP model for its text tower).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        adapter: Adapter | None = None,
+        *,
+        name: str | None = None,
+        weights: str = "unknown",
+        preprocessing: Preprocessing | None = None,
+        transform: Callable[[Any], torch.Tensor] | None = None,
+        extras: dict[str, Any] | None = None,
+    ) -> None:
+        self.module = module
+        self.adapter = adapter if adapter is not None else adapter_for(module)
+        self.name = name or type(module).__name__
+        self.weights = weights
+        self._preprocessing = preprocessing
+        self._transform = transform
+        self.extras: dict[str, Any] = dict(extras or {})
+        self._vit_map: ViTMap | None = None
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    @property
+    def vit_map(self) -> ViTMap:
+        """The adapter's reading of the module (cached; raises UnsupportedModelError)."""
+        if self._vit_map is None:
+            self._vit_map = self.adapter.vit_map(self.module)
+        return self._vit_map
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        if self._preprocessing is None:
+            self._preprocessing = self.adapter.preprocessing(self.module)
+        return self._preprocessing
+
+    @property
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        """PIL image -> ``[3, H, W]`` tensor, the library's own eval transform when it has one."""
+        if self._transform is None:
+            self._transform = build_transform(self.preprocessing)
+        return self._transform
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.vit_map.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    def representation(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The model's own representation ``[batch, d_z]`` (no hooks)."""
+        import torch
+
+        with torch.no_grad():
+            return self.vit_map.forward(pixels)
+
+    def classifier(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(W ``[classes, d_z]``, b) with ``logits = representation @ W.T + b``, if any."""
+        return self.adapter.classifier(self.module)
+
+    def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
+        """Random normalised pixels of the model's input size (for tests and docs)."""
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        h, w = self.preprocessing.input_size
+        x = torch.randn(batch, 3, h, w, generator=gen)
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def to(self, *args: Any, **kwargs: Any) -> Model:
+        self.module.to(*args, **kwargs)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the model for tables and manifests."""
+        vm = self.vit_map
+        ro = vm.readout
+        return {
+            "name": self.name,
+            "family": self.family,
+            "weights": self.weights,
+            "blocks": len(vm.blocks),
+            "heads": vm.blocks[0].attn.n_heads,
+            "width": int(vm.blocks[0].attn.w_out.shape[-1]),
+            "prefix_tokens": list(vm.prefix_types),
+            "pool": ro.pool,
+            "token_norm": ro.token_norm.kind if ro.token_norm else None,
+            "pooled_norm": ro.pooled_norm.kind if ro.pooled_norm else None,
+            "projection": tuple(ro.proj.shape) if ro.proj is not None else None,
+            "input_size": list(self.preprocessing.input_size),
+        }
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, family={self.family!r}, weights={self.weights!r})"
+
+
+def build_transform(prep: Preprocessing) -> Callable[[Any], torch.Tensor]:
+    """An eval transform from a :class:`Preprocessing` (resize, centre crop, normalise)."""
+    from torchvision import transforms as T
+
+    interp = {
+        "bicubic": T.InterpolationMode.BICUBIC,
+        "bilinear": T.InterpolationMode.BILINEAR,
+        "nearest": T.InterpolationMode.NEAREST,
+    }.get(prep.interpolation, T.InterpolationMode.BICUBIC)
+    h, w = prep.input_size
+    if prep.resize_mode == "squash":
+        resize: list[Any] = [T.Resize((h, w), interpolation=interp)]
+    else:
+        scale = int(round(min(h, w) / prep.crop_pct))
+        resize = [T.Resize(scale, interpolation=interp), T.CenterCrop((h, w))]
+    return T.Compose(
+        [*resize, T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(), T.Normalize(prep.mean, prep.std)]
+    )
+
+
+def wrap(module: Any, *, name: str | None = None) -> Model:
+    """Wrap an already-built stock module (timm, open_clip or transformers).
+
+    Raises:
+        UnsupportedModelError: no adapter reads this module exactly (the message says why).
+    """
+    if isinstance(module, Model):
+        return module
+    model = Model(module, name=name)
+    model.vit_map  # noqa: B018  (read now so unsupported modules fail here, not later)
+    return model
+
+
+def load(spec: str, *, pretrained: bool = True, checkpoint: str | Path | None = None, device: str | None = None) -> Model:
+    """Build a model with its library's own loader.
+
+    Args:
+        spec: ``"timm:NAME"``, ``"open_clip:ARCH[:TAG]"`` or ``"hf:REPO_OR_LOCAL_PATH"``.
+        pretrained: fetch the library's pretrained weights (from the local hub cache when
+            offline). ``False`` builds the architecture with random weights, offline.
+        checkpoint: a local ``.safetensors`` or torch file (loaded with ``weights_only``)
+            whose state dict is loaded strictly into the architecture. Implies no download.
+        device: move the model there (default: stay on CPU).
+
+    Raises:
+        InputError: malformed spec or unknown model name.
+        WeightsUnavailableError: pretrained weights are not in the cache and cannot be fetched.
+        UnsupportedModelError: the architecture cannot be decomposed exactly.
+    """
+    prefix, sep, rest = spec.partition(":")
+    if not sep or prefix not in SPEC_PREFIXES or not rest:
+        raise InputError(
+            f"model spec {spec!r} is not one of 'timm:NAME', 'open_clip:ARCH[:TAG]', 'hf:REPO_OR_PATH'"
+        )
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise InputError(f"checkpoint file not found: {checkpoint}")
+    if prefix == "timm":
+        from .adapters.timm_vit import load_timm
+
+        model = load_timm(rest, pretrained=pretrained, checkpoint=checkpoint)
+    elif prefix == "open_clip":
+        from .adapters.open_clip_vit import load_open_clip
+
+        model = load_open_clip(rest, pretrained=pretrained, checkpoint=checkpoint)
+    else:
+        from .adapters.hf_vit import load_hf
+
+        model = load_hf(rest, pretrained=pretrained, checkpoint=checkpoint)
+    model.name = spec
+    model.module.eval()
+    if device is not None:
+        model.to(device)
+    model.vit_map  # noqa: B018
+    return model
+
+
+def weights_unavailable(spec: str, exc: BaseException) -> WeightsUnavailableError:
+    """The error raised when a library could not get pretrained weights."""
+    return WeightsUnavailableError(
+        f"could not get pretrained weights for {spec!r} ({type(exc).__name__}: {exc}). "
+        "Without network access vitdecomp can only use weights already in your local cache. "
+        "Fix: download them once where you have network (they are cached), or pass "
+        "checkpoint=FILE (--checkpoint FILE), or use pretrained=False (--no-pretrained) "
+        "for random weights."
+    )
+
+
+def file_sha256(path: Path, limit: int | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:limit] if limit else digest.hexdigest()
+
+
+def load_checkpoint(module: nn.Module, path: Path, *, strict: bool = True) -> str:
+    """Load a local ``.safetensors`` or torch checkpoint into ``module``; returns its weights id.
+
+    Torch files are read with ``weights_only=True``. A state dict nested under
+    ``state_dict`` / ``model`` / ``module`` keys, or with a ``module.`` prefix (DDP), is unwrapped.
+
+    Raises:
+        InputError: unreadable file, or keys/shapes that do not match the architecture.
+    """
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path} does not contain a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    try:
+        result = module.load_state_dict(state, strict=strict)
+    except RuntimeError as exc:
+        raise InputError(f"checkpoint {path} does not fit this architecture: {exc}") from exc
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        log.warning("checkpoint %s: missing %s, unexpected %s", path, result.missing_keys, result.unexpected_keys)
+    return f"checkpoint:{file_sha256(path, 16)}"

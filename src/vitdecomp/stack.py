@@ -1,0 +1,400 @@
+"""ComponentStack: the labelled, exact decomposition every analysis takes and returns.
+
+A stack holds, for a batch of images, one row per component::
+
+    values     Tensor [comp, batch, d]           (or [comp, batch, token, d] for token stacks)
+    labels     tuple[ComponentLabel, ...]        one per row of ``values``
+    reference  Tensor [batch, d]                 the model's own representation
+
+and the identity it is built to satisfy,
+
+    sum_comp (sum_token) values  ==  reference   (fp32: rel. error <= 1e-5, fp64: <= 1e-10).
+
+``error()`` measures how far that holds (max over images of ||total - reference|| / ||reference||),
+``check()`` raises :class:`~vitdecomp.errors.DecompositionError` above tolerance. Every
+transformation here is linear, so it keeps the identity: ``project(directions)``
+maps values and reference alike, ``group()`` sums rows, ``select(..., keep_rest=True)``
+folds what it drops into one ``other`` row.
+
+Example (tiny random model, runs offline)::
+
+    >>> import vitdecomp as vd
+    >>> from vitdecomp.testing import tiny_timm_vit
+    >>> model = vd.wrap(tiny_timm_vit())
+    >>> stack = vd.decompose(model, model.example_input(batch=2))
+    >>> stack.error() < 1e-5
+    True
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import DecompositionError, InputError
+from .labels import ComponentLabel, parse_label
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ComponentStack", "TokenInfo", "default_rtol"]
+
+log = logging.getLogger(__name__)
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Tolerance of the exactness check for a model run in ``dtype``."""
+    import torch
+
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-5
+    return 1e-2  # float16 / bfloat16: the model's own rounding is ~1e-3
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """Where the tokens of a token stack sit.
+
+    Attributes:
+        types: per token ``"cls"``, ``"reg"`` (register / distillation) or ``"patch"``.
+        grid: (rows, cols) of the patch tokens, row-major after the prefix tokens.
+    """
+
+    types: tuple[str, ...]
+    grid: tuple[int, int] | None = None
+
+    @property
+    def patch_index(self) -> list[int]:
+        return [i for i, t in enumerate(self.types) if t == "patch"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"types": list(self.types), "grid": list(self.grid) if self.grid else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> TokenInfo | None:
+        if data is None:
+            return None
+        grid = tuple(data["grid"]) if data.get("grid") else None
+        return cls(types=tuple(data["types"]), grid=grid)  # type: ignore[arg-type]
+
+
+LayerSelector = int | slice | Sequence[int] | None
+
+
+@dataclass(frozen=True)
+class ComponentStack:
+    """Labelled additive decomposition of a batch of representations.
+
+    Attributes:
+        values: ``[comp, batch, d]`` or ``[comp, batch, token, d]``.
+        labels: one :class:`ComponentLabel` per component row.
+        reference: ``[batch, d]``, the model's own output this stack sums to.
+        space: ``"model"`` (the model's representation), ``"clip"`` (after alignment)
+            or ``"projected"`` (after :meth:`project`).
+        tokens: token geometry for token stacks, else None.
+        meta: how the stack was made (model, granularity, modes, dtype, ...).
+    """
+
+    values: torch.Tensor
+    labels: tuple[ComponentLabel, ...]
+    reference: torch.Tensor
+    space: str = "model"
+    tokens: TokenInfo | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.values.shape[0] != len(self.labels):
+            raise ValueError(f"{self.values.shape[0]} rows but {len(self.labels)} labels")
+        if self.values.shape[1] != self.reference.shape[0] or self.values.shape[-1] != self.reference.shape[-1]:
+            raise ValueError(
+                f"values {tuple(self.values.shape)} do not match reference {tuple(self.reference.shape)}"
+            )
+        if self.has_tokens and self.tokens is not None and len(self.tokens.types) != self.values.shape[2]:
+            raise ValueError("token info does not match the token axis")
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def has_tokens(self) -> bool:
+        """True when values carry a token axis: ``[comp, batch, token, d]``."""
+        return self.values.dim() == 4
+
+    @property
+    def n_components(self) -> int:
+        return len(self.labels)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.values.shape[-1])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def names(self) -> list[str]:
+        """Canonical label strings, one per row."""
+        return [str(label) for label in self.labels]
+
+    def index(self, label: str | ComponentLabel) -> int:
+        """Row index of a label (given as object or canonical string)."""
+        target = parse_label(label) if isinstance(label, str) else label
+        try:
+            return self.labels.index(target)
+        except ValueError:
+            raise KeyError(f"no component {label!s} in this stack") from None
+
+    def __getitem__(self, label: str | ComponentLabel) -> torch.Tensor:
+        """Values of one component: ``[batch, (token,) d]``."""
+        return self.values[self.index(label)]
+
+    # -------------------------------------------------------------- exactness
+    def total(self) -> torch.Tensor:
+        """Sum over components (and tokens), accumulated in float64: ``[batch, d]``."""
+        import torch
+
+        v = self.values.to(torch.float64)
+        total = v.sum(dim=0)
+        if self.has_tokens:
+            total = total.sum(dim=1)
+        return total
+
+    def error(self) -> float:
+        """Max over images of ``||total - reference||_2 / ||reference||_2``."""
+        import torch
+
+        ref = self.reference.to(torch.float64)
+        diff = (self.total() - ref).norm(dim=-1)
+        scale = ref.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+        return float((diff / scale).max()) if ref.shape[0] else 0.0
+
+    def check(self, rtol: float | None = None) -> ComponentStack:
+        """Raise :class:`DecompositionError` if ``error() > rtol``; return self otherwise.
+
+        Args:
+            rtol: tolerance; defaults to the one recorded when the stack was made
+                (1e-5 for fp32, 1e-10 for fp64).
+        """
+        rtol = rtol if rtol is not None else float(self.meta.get("rtol", 1e-5))
+        err = self.error()
+        if not err <= rtol:  # also catches NaN
+            raise DecompositionError(
+                f"components sum to the reference only to relative error {err:.3g} "
+                f"(tolerance {rtol:.1g}); model {self.meta.get('model', '?')}. "
+                "This is a bug or an unsupported module: please report it with the model name."
+            )
+        return self
+
+    # ------------------------------------------------------------- selection
+    def _mask(
+        self,
+        kind: str | Sequence[str] | None,
+        layer: LayerSelector,
+        head: int | Sequence[int] | None,
+    ) -> list[bool]:
+        kinds = {kind} if isinstance(kind, str) else set(kind) if kind is not None else None
+        n_layers = self.meta.get("n_layers")
+        layers: set[int] | None = None
+        if layer is not None:
+            if n_layers is None:
+                n_layers = 1 + max((lab.layer for lab in self.labels if lab.layer is not None), default=-1)
+            all_layers = list(range(int(n_layers)))
+            if isinstance(layer, slice):
+                layers = set(all_layers[layer])
+            elif isinstance(layer, int):
+                layers = {all_layers[layer]}
+            else:
+                layers = {all_layers[i] for i in layer}
+        heads = {head} if isinstance(head, int) else set(head) if head is not None else None
+        out = []
+        for lab in self.labels:
+            ok = kinds is None or lab.kind in kinds
+            ok = ok and (layers is None or lab.layer in layers)
+            ok = ok and (heads is None or lab.head in heads)
+            out.append(ok)
+        return out
+
+    def select(
+        self,
+        kind: str | Sequence[str] | None = None,
+        layer: LayerSelector = None,
+        head: int | Sequence[int] | None = None,
+        *,
+        keep_rest: bool = False,
+    ) -> ComponentStack:
+        """Rows matching every given filter.
+
+        Args:
+            kind: label kind(s), e.g. ``"head"`` or ``("head", "mlp")``.
+            layer: block index, slice or list; negatives count from the end.
+            head: head index or list.
+            keep_rest: add one ``other`` row holding the sum of every dropped row, so
+                the result still sums to the reference.
+        """
+        mask = self._mask(kind, layer, head)
+        return self._take([i for i, m in enumerate(mask) if m], keep_rest=keep_rest)
+
+    def take(self, labels: Sequence[str | ComponentLabel], *, keep_rest: bool = False) -> ComponentStack:
+        """Rows with the given labels, in the given order."""
+        return self._take([self.index(lab) for lab in labels], keep_rest=keep_rest)
+
+    def _take(self, rows: list[int], *, keep_rest: bool) -> ComponentStack:
+        import torch
+
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.values.device)
+        values = self.values.index_select(0, idx)
+        labels = tuple(self.labels[i] for i in rows)
+        if keep_rest:
+            dropped = sorted(set(range(len(self.labels))) - set(rows))
+            if dropped:
+                drop_idx = torch.as_tensor(dropped, dtype=torch.long, device=self.values.device)
+                rest = self.values.index_select(0, drop_idx).sum(0, keepdim=True)
+            else:
+                rest = torch.zeros_like(self.values[:1])
+            values = torch.cat([values, rest])
+            labels = labels + (ComponentLabel("other"),)
+        return replace(self, values=values, labels=labels)
+
+    def group(self, by: str | Callable[[ComponentLabel], ComponentLabel] = "layer") -> ComponentStack:
+        """Sum rows that share a key; totals are unchanged.
+
+        Args:
+            by: ``"layer"`` (one row per block: ``L07.block``), ``"attn_mlp"``
+                (heads and attention bias -> ``L07.attn``, neurons and MLP bias ->
+                ``L07.mlp``), ``"kind"``, or a function mapping a label to its group label.
+        """
+        import torch
+
+        key = _GROUPERS[by] if isinstance(by, str) else by
+        if isinstance(by, str) and by not in _GROUPERS:
+            raise ValueError(f"unknown grouping {by!r}; use one of {sorted(_GROUPERS)} or a function")
+        order: dict[ComponentLabel, list[int]] = {}
+        for i, lab in enumerate(self.labels):
+            order.setdefault(key(lab), []).append(i)
+        rows = []
+        for members in order.values():
+            idx = torch.as_tensor(members, dtype=torch.long, device=self.values.device)
+            rows.append(self.values.index_select(0, idx).sum(0))
+        return replace(self, values=torch.stack(rows), labels=tuple(order))
+
+    def sum_tokens(self) -> ComponentStack:
+        """Collapse the token axis: ``[comp, batch, token, d] -> [comp, batch, d]``."""
+        if not self.has_tokens:
+            return self
+        return replace(self, values=self.values.sum(dim=2), tokens=None)
+
+    def flatten_tokens(self) -> ComponentStack:
+        """One row per (component, token): labels gain ``.tNNN``; ``[comp*token, batch, d]``."""
+        if not self.has_tokens:
+            return self
+        c, b, t, d = self.values.shape
+        values = self.values.permute(0, 2, 1, 3).reshape(c * t, b, d)
+        labels = tuple(lab.with_token(j) for lab in self.labels for j in range(t))
+        return replace(self, values=values, labels=labels, tokens=None)
+
+    # ------------------------------------------------------------ projection
+    def project(self, directions: torch.Tensor) -> ComponentStack:
+        """Contributions to ``k`` directions: ``[comp, batch, (token,) k]``.
+
+        Args:
+            directions: ``[k, d]`` rows (class weights, unit text embeddings).
+
+        The reference is projected too, so the result still sums to it; for a
+        classifier ``stack.project(W).total() + b`` are the logits.
+        """
+        if directions.dim() == 1:
+            directions = directions[None]
+        if directions.shape[-1] != self.dim:
+            raise InputError(f"directions have dim {directions.shape[-1]}, the stack has {self.dim}")
+        dirs = directions.to(device=self.values.device, dtype=self.values.dtype)
+        values = self.values @ dirs.T
+        reference = self.reference @ directions.to(self.reference.device, self.reference.dtype).T
+        return replace(self, values=values, reference=reference, space="projected")
+
+    def norms(self) -> torch.Tensor:
+        """L2 norm of every component per image: ``[comp, batch]`` (tokens summed first)."""
+        return self.sum_tokens().values.norm(dim=-1)
+
+    def to(self, *args: Any, **kwargs: Any) -> ComponentStack:
+        """``Tensor.to`` applied to values and reference."""
+        return replace(self, values=self.values.to(*args, **kwargs), reference=self.reference.to(*args, **kwargs))
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> Path:
+        """Write to a ``.safetensors`` file (tensors + labels/meta as JSON metadata)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {
+            "format": "vitdecomp.ComponentStack/1",
+            "labels": json.dumps(self.names),
+            "space": self.space,
+            "tokens": json.dumps(self.tokens.to_json() if self.tokens else None),
+            "meta": json.dumps(self.meta, default=str),
+        }
+        tensors = {
+            "values": self.values.detach().contiguous().cpu(),
+            "reference": self.reference.detach().contiguous().cpu(),
+        }
+        save_file(tensors, str(path), metadata=header)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ComponentStack:
+        """Read a stack written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"no stack file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                values = f.get_tensor("values")
+                reference = f.get_tensor("reference")
+        except Exception as exc:  # safetensors raises its own error types
+            raise InputError(f"{path} is not a readable stack file: {exc}") from exc
+        if header.get("format") != "vitdecomp.ComponentStack/1":
+            raise InputError(f"{path} is a safetensors file but not a vitdecomp ComponentStack")
+        return cls(
+            values=values,
+            reference=reference,
+            labels=tuple(parse_label(s) for s in json.loads(header["labels"])),
+            space=header.get("space", "model"),
+            tokens=TokenInfo.from_json(json.loads(header.get("tokens", "null"))),
+            meta=json.loads(header.get("meta", "{}")),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ComponentStack({len(self.labels)} components, values={tuple(self.values.shape)}, "
+            f"space={self.space!r}, error={self.error():.2e})"
+        )
+
+
+def _by_layer(lab: ComponentLabel) -> ComponentLabel:
+    if lab.layer is None:
+        return replace(lab, token=None)
+    return ComponentLabel("block", lab.layer, stage=lab.stage)
+
+
+def _by_attn_mlp(lab: ComponentLabel) -> ComponentLabel:
+    if lab.kind in ("head", "bias", "attn"):
+        return ComponentLabel("attn", lab.layer, stage=lab.stage)
+    if lab.kind in ("neuron", "mlp_bias", "mlp"):
+        return ComponentLabel("mlp", lab.layer, stage=lab.stage)
+    return replace(lab, token=None)
+
+
+_GROUPERS: dict[str, Callable[[ComponentLabel], ComponentLabel]] = {
+    "layer": _by_layer,
+    "attn_mlp": _by_attn_mlp,
+}

@@ -1,0 +1,108 @@
+"""Tiny, seeded, random-weight models of every supported family, built with each library's
+own classes (no downloads). Norm weights and layer scales are perturbed away from their
+initial values so a decomposition that ignored them would fail its exactness check.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "perturb",
+    "tiny_timm_vit",
+    "tiny_open_clip_vision",
+    "tiny_open_clip",
+    "tiny_hf_clip_vision",
+    "tiny_hf_vit",
+    "tiny_hf_dinov2",
+]
+
+
+def perturb(module: nn.Module, seed: int = 0, scale: float = 0.3) -> nn.Module:
+    """Add seeded noise to every norm weight/bias, layer-scale gamma and bias vector."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            lname = name.lower()
+            if p.dim() == 1 and any(k in lname for k in ("norm", "ln", "gamma", "lambda", "bias", "scale")):
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    return module.eval()
+
+
+def tiny_timm_vit(name: str = "test_vit", seed: int = 0, **kwargs: Any) -> nn.Module:
+    """A timm VisionTransformer at random init via ``timm.create_model(name, pretrained=False)``.
+
+    ``test_vit`` (CLS pool), ``test_vit2`` (register token, avg pool, LayerScale), ``test_vit4``
+    (RMSNorm) are timm's own tiny test architectures; any other timm ViT name works with
+    kwargs such as ``depth=2, img_size=32``.
+    """
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    return perturb(timm.create_model(name, pretrained=False, **kwargs), seed)
+
+
+def tiny_open_clip_vision(seed: int = 0, **kwargs: Any) -> nn.Module:
+    """An open_clip ``VisionTransformer`` tower: 32 px, patch 8, width 64, 2 layers, 4 heads."""
+    import torch
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    cfg: dict[str, Any] = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_ratio=4.0, output_dim=32)
+    cfg.update(kwargs)
+    return perturb(VisionTransformer(**cfg), seed)
+
+
+def tiny_open_clip(seed: int = 0) -> nn.Module:
+    """A whole open_clip ``CLIP`` (image + text towers), embed dim 32, for text-side tests."""
+    import torch
+    from open_clip.model import CLIP
+
+    torch.manual_seed(seed)
+    vision = dict(image_size=32, patch_size=8, width=64, layers=2, head_width=16, mlp_ratio=4.0)
+    text = dict(context_length=16, vocab_size=1000, width=64, heads=4, layers=2)
+    return perturb(CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text), seed)
+
+
+def _hf_vision_kwargs(**kwargs: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8
+    )
+    cfg.update(kwargs)
+    return cfg
+
+
+def tiny_hf_clip_vision(seed: int = 0, with_projection: bool = True, **kwargs: Any) -> nn.Module:
+    """transformers ``CLIPVisionModelWithProjection`` (or ``CLIPVisionModel``) at random init."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(projection_dim=32, **_hf_vision_kwargs(**kwargs))
+    cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
+    return perturb(cls(config), seed)
+
+
+def tiny_hf_vit(seed: int = 0, classifier: bool = False, **kwargs: Any) -> nn.Module:
+    """transformers ``ViTModel`` (or ``ViTForImageClassification`` with 10 labels) at random init."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    torch.manual_seed(seed)
+    if classifier:
+        return perturb(ViTForImageClassification(ViTConfig(num_labels=10, **_hf_vision_kwargs(**kwargs))), seed)
+    return perturb(ViTModel(ViTConfig(**_hf_vision_kwargs(**kwargs)), add_pooling_layer=False), seed)
+
+
+def tiny_hf_dinov2(seed: int = 0, **kwargs: Any) -> nn.Module:
+    """transformers ``Dinov2Model`` (LayerScale) at random init."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    return perturb(Dinov2Model(Dinov2Config(**_hf_vision_kwargs(**kwargs))), seed)
