@@ -61,7 +61,6 @@ class Model:
         self._preprocessing = preprocessing
         self._transform = transform
         self.extras: dict[str, Any] = dict(extras or {})
-        self._vit_map: ViTMap | None = None
 
     @property
     def family(self) -> str:
@@ -69,10 +68,13 @@ class Model:
 
     @property
     def vit_map(self) -> ViTMap:
-        """The adapter's reading of the module (cached; raises UnsupportedModelError)."""
-        if self._vit_map is None:
-            self._vit_map = self.adapter.vit_map(self.module)
-        return self._vit_map
+        """The adapter's reading of the module, made afresh on every access.
+
+        Not cached on purpose: it holds tensors derived from the live parameters
+        (e.g. ``W_out * gamma``), which would go stale after a dtype cast or a weight update.
+        Reading is cheap (views and one product per block). Raises UnsupportedModelError.
+        """
+        return self.adapter.vit_map(self.module)
 
     @property
     def preprocessing(self) -> Preprocessing:
