@@ -80,7 +80,7 @@ def decompose(
     """
     import torch
 
-    from .engines.vit import decompose_vit
+    from .engines import engine_for
     from .model import wrap
 
     if granularity not in _GRANULARITIES:
@@ -105,11 +105,11 @@ def decompose(
     compute_dtype = torch.float64 if run_dtype == torch.float64 else torch.float32
     tol = rtol if rtol is not None else default_rtol(run_dtype)
     with _prepared(m.module, run_dtype):
-        vmap = m.vit_map
+        structure = m.structure
         x = pixels.to(device=m.device, dtype=run_dtype)
         try:
-            stack = decompose_vit(
-                vmap,
+            stack = engine_for(structure.engine)(
+                structure,
                 x,
                 granularity=granularity,
                 start_layer=start_layer,

@@ -14,6 +14,9 @@ A label is a small frozen record with a canonical string form::
     bias           constants added by the readout (final norm beta, projection bias)
     other          the sum of rows removed by ``select(..., keep_rest=True)``
 
+Hierarchical models (Swin, MaxViT) name blocks by stage and block within the stage,
+``S3.B17.H05``, and keep the global block index in ``layer`` for selection; labels parsed
+from such strings carry no ``layer``, so stacks look labels up by their string form.
 A token index (``t012``) is appended when a stack is flattened over tokens
 (``L07.H03.t012``). Layers count from 0 at the input.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["ComponentKind", "ComponentLabel", "parse_label"]
 
@@ -43,6 +46,7 @@ class ComponentLabel:
         neuron: MLP hidden unit index, for ``kind == "neuron"``.
         token: source token index, only in stacks flattened over tokens.
         stage: stage index for hierarchical models (None for isotropic ViTs).
+        block: block index within its stage (hierarchical models; shown as ``S3.B17``).
     """
 
     kind: ComponentKind
@@ -51,10 +55,11 @@ class ComponentLabel:
     neuron: int | None = None
     token: int | None = None
     stage: int | None = None
+    block: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind in _KINDS_WITH_LAYER and self.layer is None:
-            raise ValueError(f"a {self.kind!r} label needs a layer")
+        if self.kind in _KINDS_WITH_LAYER and self.layer is None and self.block is None:
+            raise ValueError(f"a {self.kind!r} label needs a layer (or a stage block)")
         if self.kind == "head" and self.head is None:
             raise ValueError("a 'head' label needs a head index")
         if self.kind == "neuron" and self.neuron is None:
@@ -70,8 +75,10 @@ class ComponentLabel:
         elif self.kind in ("embed", "rest", "other"):
             base = self.kind
         else:
-            prefix = f"S{self.stage}." if self.stage is not None else ""
-            base = f"{prefix}L{self.layer:02d}"
+            if self.stage is not None and self.block is not None:
+                base = f"S{self.stage}.B{self.block:02d}"
+            else:
+                base = f"L{self.layer:02d}"
             if self.kind == "block":
                 pass
             elif self.kind == "head":
@@ -86,7 +93,7 @@ class ComponentLabel:
 
 
 _LABEL_RE = re.compile(
-    r"^(?:S(?P<stage>\d+)\.)?L(?P<layer>\d+)(?:\.(?:H(?P<head>\d+)|N(?P<neuron>\d+)|(?P<kind>attn|bias|mlp|mlp_bias)))?$"
+    r"^(?:S(?P<stage>\d+)\.B(?P<block>\d+)|L(?P<layer>\d+))(?:\.(?:H(?P<head>\d+)|N(?P<neuron>\d+)|(?P<kind>attn|bias|mlp|mlp_bias)))?$"
 )
 
 
@@ -107,10 +114,12 @@ def parse_label(text: str) -> ComponentLabel:
     m = _LABEL_RE.match(text)
     if not m:
         raise ValueError(f"not a component label: {text!r}")
-    stage = int(m["stage"]) if m["stage"] is not None else None
-    layer = int(m["layer"])
+    where: dict[str, Any] = {"token": token}
+    if m["stage"] is not None:
+        where.update(stage=int(m["stage"]), block=int(m["block"]))
+    layer = int(m["layer"]) if m["layer"] is not None else None
     if m["head"] is not None:
-        return ComponentLabel("head", layer, head=int(m["head"]), token=token, stage=stage)
+        return ComponentLabel("head", layer, head=int(m["head"]), **where)
     if m["neuron"] is not None:
-        return ComponentLabel("neuron", layer, neuron=int(m["neuron"]), token=token, stage=stage)
-    return ComponentLabel(m["kind"] or "block", layer, token=token, stage=stage)  # type: ignore[arg-type]
+        return ComponentLabel("neuron", layer, neuron=int(m["neuron"]), **where)
+    return ComponentLabel(m["kind"] or "block", layer, **where)

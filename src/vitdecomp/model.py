@@ -77,6 +77,12 @@ class Model:
         return self.adapter.vit_map(self.module)
 
     @property
+    def structure(self) -> Any:
+        """The adapter's structure map for the engine (``ViTMap`` for isotropic ViTs), made afresh."""
+        read = getattr(self.adapter, "structure", None)
+        return read(self.module) if read is not None else self.adapter.vit_map(self.module)
+
+    @property
     def preprocessing(self) -> Preprocessing:
         if self._preprocessing is None:
             self._preprocessing = self.adapter.preprocessing(self.module)
@@ -91,7 +97,7 @@ class Model:
 
     @property
     def n_layers(self) -> int:
-        return len(self.vit_map.blocks)
+        return len(self.structure.blocks)
 
     @property
     def device(self) -> torch.device:
@@ -106,7 +112,7 @@ class Model:
         import torch
 
         with torch.no_grad():
-            return self.vit_map.forward(pixels)
+            return self.structure.forward(pixels)
 
     def classifier(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(W ``[classes, d_z]``, b) with ``logits = representation @ W.T + b``, if any."""
@@ -177,7 +183,7 @@ def wrap(module: Any, *, name: str | None = None) -> Model:
     if isinstance(module, Model):
         return module
     model = Model(module, name=name)
-    model.vit_map  # noqa: B018  (read now so unsupported modules fail here, not later)
+    model.structure  # noqa: B018  (read now so unsupported modules fail here, not later)
     return model
 
 
@@ -222,7 +228,7 @@ def load(spec: str, *, pretrained: bool = True, checkpoint: str | Path | None = 
     model.module.eval()
     if device is not None:
         model.to(device)
-    model.vit_map  # noqa: B018
+    model.structure  # noqa: B018
     return model
 
 

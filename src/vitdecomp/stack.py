@@ -145,11 +145,19 @@ class ComponentStack:
 
     def index(self, label: str | ComponentLabel) -> int:
         """Row index of a label (given as object or canonical string)."""
-        target = parse_label(label) if isinstance(label, str) else label
+        key = str(parse_label(label)) if isinstance(label, str) else str(label)
         try:
-            return self.labels.index(target)
-        except ValueError:
+            return self._name_index[key]
+        except KeyError:
             raise KeyError(f"no component {label!s} in this stack") from None
+
+    @property
+    def _name_index(self) -> dict[str, int]:
+        cache = self.__dict__.get("_names_cache")
+        if cache is None:
+            cache = {name: i for i, name in enumerate(self.names)}
+            object.__setattr__(self, "_names_cache", cache)
+        return cache
 
     def __getitem__(self, label: str | ComponentLabel) -> torch.Tensor:
         """Values of one component: ``[batch, (token,) d]``."""
@@ -388,9 +396,9 @@ def _by_layer(lab: ComponentLabel) -> ComponentLabel:
 
 def _by_attn_mlp(lab: ComponentLabel) -> ComponentLabel:
     if lab.kind in ("head", "bias", "attn"):
-        return ComponentLabel("attn", lab.layer, stage=lab.stage)
+        return ComponentLabel("attn", lab.layer, stage=lab.stage, block=lab.block)
     if lab.kind in ("neuron", "mlp_bias", "mlp"):
-        return ComponentLabel("mlp", lab.layer, stage=lab.stage)
+        return ComponentLabel("mlp", lab.layer, stage=lab.stage, block=lab.block)
     return replace(lab, token=None)
 
 

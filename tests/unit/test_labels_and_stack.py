@@ -31,7 +31,7 @@ def _stack(n_layers=3, n_heads=2, batch=4, d=5, tokens=0, seed=0) -> ComponentSt
 @pytest.mark.parametrize(
     "text",
     ["embed", "rest", "bias", "other", "L07", "L07.attn", "L07.H03", "L07.bias", "L07.mlp", "L11.N0123",
-     "L02.mlp_bias", "L07.H03.t012", "S3.L17.H05", "embed.t000"],
+     "L02.mlp_bias", "L07.H03.t012", "S3.B17.H05", "S0.B01.mlp", "S2.B00.t004", "embed.t000"],
 )
 def test_label_round_trip(text: str) -> None:
     assert str(parse_label(text)) == text

@@ -108,6 +108,7 @@ class ViTMap:
         prefix_types: ``"cls"`` or ``"reg"`` per prefix token.
         patch_size: (ph, pw) so the patch grid of an input is ``(H // ph, W // pw)``.
         forward: the stock forward returning the representation ``[B, d_z]``.
+        engine: the decomposition engine that consumes this map (see :mod:`vitdecomp.engines`).
     """
 
     blocks: list[BlockMap]
@@ -116,6 +117,7 @@ class ViTMap:
     prefix_types: tuple[str, ...]
     patch_size: tuple[int, int]
     forward: Callable[[torch.Tensor], torch.Tensor]
+    engine: str = "vit"
 
 
 @dataclass(frozen=True)
