@@ -11,6 +11,7 @@ A label is a small frozen record with a canonical string form::
     L07.mlp        block 7's MLP output (a non-linear leaf)
     L07.N0123      MLP neuron 123 of block 7                (mlp_neurons=True)
     L07.mlp_bias   the MLP output bias of block 7           (mlp_neurons=True)
+    pool_mlp       the MLP of an attention-pooling head (SigLIP MAP), a non-linear leaf
     bias           constants added by the readout (final norm beta, projection bias)
     other          the sum of rows removed by ``select(..., keep_rest=True)``
 
@@ -29,7 +30,7 @@ from typing import Any, Literal
 __all__ = ["ComponentKind", "ComponentLabel", "parse_label"]
 
 ComponentKind = Literal[
-    "embed", "rest", "block", "attn", "head", "bias", "mlp", "neuron", "mlp_bias", "const", "other"
+    "embed", "rest", "block", "attn", "head", "bias", "mlp", "neuron", "mlp_bias", "pool_mlp", "const", "other"
 ]
 
 _KINDS_WITH_LAYER = {"block", "attn", "head", "bias", "mlp", "neuron", "mlp_bias"}
@@ -72,7 +73,7 @@ class ComponentLabel:
     def __str__(self) -> str:
         if self.kind == "const":
             base = "bias"
-        elif self.kind in ("embed", "rest", "other"):
+        elif self.kind in ("embed", "rest", "other", "pool_mlp"):
             base = self.kind
         else:
             if self.stage is not None and self.block is not None:
@@ -107,7 +108,7 @@ def parse_label(text: str) -> ComponentLabel:
     match = re.match(r"^(?P<body>.*)\.t(?P<token>\d+)$", text)
     if match:
         text, token = match["body"], int(match["token"])
-    if text in ("embed", "rest", "other"):
+    if text in ("embed", "rest", "other", "pool_mlp"):
         return ComponentLabel(text, token=token)  # type: ignore[arg-type]
     if text == "bias":
         return ComponentLabel("const", token=token)

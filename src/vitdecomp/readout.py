@@ -25,8 +25,9 @@ so each component needs only its pooled residual write ``sum_p omega_p c_p`` (``
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import UnsupportedModelError
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["FrozenNorm", "ViTReadout", "LnMode"]
+__all__ = ["FrozenNorm", "ViTReadout", "AttentionPool", "LnMode"]
 
 LnMode = Literal["centered", "anchor"]
 
@@ -119,22 +120,25 @@ class ViTReadout:
 
     Attributes:
         token_norm: norm applied to every token before pooling (timm ``norm``), or None.
-        pool: ``"cls"`` (token 0), ``"avg"`` (mean of tokens ``pool_start:``) or
-            ``"tokens"`` (mean of ``pool_tokens``, e.g. DeiT's CLS + distillation token).
+        pool: ``"cls"`` (token 0), ``"avg"`` (mean of tokens ``pool_start:``),
+            ``"tokens"`` (mean of ``pool_tokens``, e.g. DeiT's CLS + distillation token) or
+            ``"attention"`` (``attn_pool`` over tokens ``pool_start:``; SigLIP MAP head).
         pool_start: first pooled token for ``"avg"`` (timm skips prefix tokens).
         pool_tokens: the pooled tokens for ``"tokens"``.
         pooled_norm: norm applied after pooling (``fc_norm``, CLIP ``post_layernorm``) or None.
         proj: ``[d, d_z]`` matrix with ``z = pooled @ proj``, or None.
         proj_bias: ``[d_z]`` or None.
+        attn_pool: the attention pool for ``pool == "attention"``.
     """
 
     token_norm: FrozenNorm | None
-    pool: Literal["cls", "avg", "tokens"]
+    pool: Literal["cls", "avg", "tokens", "attention"]
     pooled_norm: FrozenNorm | None
     proj: torch.Tensor | None = None
     proj_bias: torch.Tensor | None = None
     pool_start: int = 0
     pool_tokens: tuple[int, ...] = ()
+    attn_pool: AttentionPool | None = None
 
     def weights(self, n_tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Pooling weights ``w [n_tokens]`` (sum to 1)."""
@@ -143,7 +147,7 @@ class ViTReadout:
         w = torch.zeros(n_tokens, dtype=dtype, device=device)
         if self.pool == "cls":
             w[0] = 1.0
-        elif self.pool == "avg":
+        elif self.pool in ("avg", "attention"):
             if n_tokens <= self.pool_start:
                 raise UnsupportedModelError("average pooling over an empty token set")
             w[self.pool_start :] = 1.0 / (n_tokens - self.pool_start)
@@ -157,13 +161,86 @@ class ViTReadout:
 
     def separable(self, n_support: int) -> bool:
         """True when ``omega_p = w_p * tau_image`` (no per-position statistics to wait for)."""
+        if self.attn_pool is not None:
+            return False  # the pooling pattern is only known at the end of the pass
         return self.token_norm is None or n_support == 1
 
+    @property
+    def n_routes(self) -> int:
+        """Parallel linear paths from the tokens to the output: pool heads, else 1."""
+        return self.attn_pool.n_routes if self.attn_pool is not None else 1
+
     def channel_map(self, rows: torch.Tensor, centre: bool) -> torch.Tensor:
-        """The image-independent linear part ``rows @ A`` (``[..., d] -> [..., d_z]``)."""
-        for norm in (self.token_norm, self.pooled_norm):
-            if norm is not None:
-                rows = norm.linear(rows, centre)
+        """The image-independent linear part ``rows @ A`` (``[..., d] -> [..., d_z]``) of a
+        single-route readout (no attention pool; see :meth:`route_map` otherwise)."""
+        if self.token_norm is not None:
+            rows = self.token_norm.linear(rows, centre)
+        return self.after_pool(rows, centre)
+
+    def route_map(self, rows: torch.Tensor, centre: bool, route_dim: int = 1) -> torch.Tensor:
+        """Token-side rows ``[.., R, .., d]`` -> output rows ``[.., .., d_z]`` (routes summed)."""
+        if self.token_norm is not None:
+            rows = self.token_norm.linear(rows, centre)
+        if self.attn_pool is not None:
+            rows = rows.movedim(route_dim, -2)  # [..., R, d]
+            w_vo = self.attn_pool.w_vo.to(rows.dtype)
+            rows = torch_einsum("...rd,rde->...e", rows, w_vo)
+        else:
+            rows = rows.squeeze(route_dim)
+        return self.after_pool(rows, centre)
+
+    def route_map_each(self, rows: torch.Tensor, centre: bool) -> torch.Tensor:
+        """Weights ``[..., d]`` -> ``[R, ..., d_z]``: each route's map, not summed."""
+        if self.token_norm is not None:
+            rows = self.token_norm.linear(rows, centre)
+        if self.attn_pool is not None:
+            rows = torch_einsum("...d,rde->r...e", rows, self.attn_pool.w_vo.to(rows.dtype))
+        else:
+            rows = rows[None]
+        return self.after_pool(rows, centre)
+
+    def after_pool(self, rows: torch.Tensor, centre: bool) -> torch.Tensor:
+        """Pooled-side linear part: pooled norm (frozen, without 1/sigma) and projection."""
+        if self.pooled_norm is not None:
+            rows = self.pooled_norm.linear(rows, centre)
         if self.proj is not None:
             rows = rows @ self.proj.to(rows.dtype)
         return rows
+
+
+def torch_einsum(eq: str, *ops: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.einsum(eq, *ops)
+
+
+@dataclass(frozen=True)
+class AttentionPool:
+    """Attention pooling with a single learned query (SigLIP's MAP head), pattern frozen.
+
+    With ``y_p`` the (token-normed) tokens and ``beta^r_p = softmax_p(q^r . k^r_p)`` frozen
+    per pool head ``r``,
+
+        a = sum_r sum_p beta^r_p (y_p W_V^r + b_V^r) W_O^r + b_O,      z = a + MLP(LN(a)),
+
+    so a component's write ``c_p`` contributes ``sum_r (sum_p beta^r_p c_p) W_V^r W_O^r``
+    (each pool head is one *route*), and ``MLP(LN(a))`` is one non-linear leaf, ``pool_mlp``.
+
+    Attributes:
+        w_vo: ``[R, d, d_out]`` = ``W_V^r W_O^r`` per pool head.
+        b_vo: ``[d_out]`` = ``sum_r b_V^r W_O^r + b_O`` (rows of beta sum to 1), or None.
+        pattern: maps the pooled tokens ``y [B, N_pool, d]`` to ``beta [B, R, N_pool]``,
+            recomputed from the pool's own weights (query, key projection, qk-norm, scale).
+        mlp_write: capture point whose output is ``MLP(LN(a))`` ``[B, 1, d_out]`` (or None).
+        pooled: capture point whose output is the pooled vector ``z`` (for later norms).
+    """
+
+    w_vo: torch.Tensor
+    b_vo: torch.Tensor | None
+    pattern: Callable[[torch.Tensor], torch.Tensor]
+    mlp_write: Any
+    pooled: Any
+
+    @property
+    def n_routes(self) -> int:
+        return int(self.w_vo.shape[0])

@@ -10,7 +10,8 @@ from vitdecomp.testing import assert_exact, tiny_timm_vit
 
 # (timm name, kwargs): CLS pool + LayerNorm; register + avg pool + fc_norm + LayerScale;
 # RMSNorm; avg pool without fc_norm (per-token norm, then mean); DINOv2 with registers and
-# LayerScale at a non-default image size; DeiT distilled (two pooled tokens).
+# LayerScale at a non-default image size; DeiT distilled (two pooled tokens); qk-norm;
+# MAP attention pooling (timm's test_vit3 and a SigLIP-shaped tower).
 VARIANTS = {
     "cls": ("test_vit", {}),
     "reg_avg_fcnorm_ls": ("test_vit2", {}),
@@ -19,6 +20,8 @@ VARIANTS = {
     "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(depth=2, img_size=56)),
     "distilled": ("deit_tiny_distilled_patch16_224", dict(depth=2, img_size=64)),
     "qk_norm": ("vit_tiny_patch16_224", dict(qk_norm=True, depth=2, img_size=64)),
+    "map_pool": ("test_vit3", {}),
+    "siglip_map": ("vit_base_patch16_siglip_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=32)),
 }
 
 
@@ -86,6 +89,8 @@ def test_heads_sum_to_layer_attention_term(variant):
 
 def test_neurons_sum_to_mlp(variant):
     _, model, x = variant
+    if model.structure.readout.attn_pool is not None:
+        pytest.skip("per-neuron terms are not offered for attention-pooled models")
     plain = vd.decompose(model, x, dtype=torch.float64)
     neurons = vd.decompose(model, x, mlp_neurons=True, dtype=torch.float64)
     assert neurons.error() < 1e-10
@@ -283,8 +288,8 @@ def test_bad_specs(spec, error):
 @pytest.mark.parametrize(
     "name, kwargs, reason",
     [
-        ("test_vit3", {}, "attn_pool"),
         ("test_vit", dict(global_pool="max"), "max"),
+        ("test_vit", dict(global_pool="avgmax"), "avgmax"),
         ("vit_tiny_patch16_224", dict(depth=1, scale_attn_norm=True), "scale_norm"),
     ],
 )
@@ -294,6 +299,24 @@ def test_unsupported_variants_raise(name, kwargs, reason):
     module = timm.create_model(name, pretrained=False, **kwargs)
     with pytest.raises(vd.UnsupportedModelError, match=reason):
         vd.wrap(module)
+
+
+def test_multi_latent_attention_pool_is_unsupported():
+    from timm.layers.attention_pool import AttentionPoolLatent
+
+    module = tiny_timm_vit("test_vit3")
+    module.attn_pool = AttentionPoolLatent(module.embed_dim, num_heads=2, latent_len=2)
+    with pytest.raises(vd.UnsupportedModelError, match="latent"):
+        vd.wrap(module)
+
+
+def test_attention_pool_has_a_pool_mlp_leaf():
+    model = vd.wrap(tiny_timm_vit("test_vit3"))
+    x = model.example_input(batch=2)
+    stack = vd.decompose(model, x)
+    assert "pool_mlp" in stack.names
+    with pytest.raises(vd.InputError, match="attention-pooled"):
+        vd.decompose(model, x, mlp_neurons=True)
 
 
 def test_non_vit_module_is_unsupported():

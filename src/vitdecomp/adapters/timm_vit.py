@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedModelError
-from ..readout import FrozenNorm, ViTReadout
+from ..readout import AttentionPool, FrozenNorm, ViTReadout
 from .base import AttentionMap, BlockMap, CapturePoint, Preprocessing, ViTMap, register_adapter
 
 if TYPE_CHECKING:
@@ -35,9 +35,47 @@ def _ls_gamma(module: Any, name: str) -> torch.Tensor | None:
     return gamma
 
 
+def _attention_pool(pool: Any) -> AttentionPool:
+    """timm ``AttentionPoolLatent`` (MAP head) with one latent query, read as an :class:`AttentionPool`."""
+    import torch
+    from timm.layers.attention_pool import AttentionPoolLatent
+
+    name = "attn_pool"
+    if type(pool) is not AttentionPoolLatent:
+        raise UnsupportedModelError(f"{name}: {type(pool).__name__} pooling is not supported (only AttentionPoolLatent)")
+    if pool.latent_len != 1:
+        raise UnsupportedModelError(f"{name}: {pool.latent_len} latent queries (only 1 is supported)")
+    if pool.pos_embed is not None:
+        raise UnsupportedModelError(f"{name}: a pooling position embedding is not supported")
+    n_heads, d_head = pool.num_heads, pool.head_dim
+    width = n_heads * d_head
+    kv_w, kv_b = pool.kv.weight, pool.kv.bias
+    w_v = kv_w[width:].reshape(n_heads, d_head, -1).transpose(1, 2)  # [R, d, dh]
+    w_o = pool.proj.weight.T.reshape(n_heads, d_head, -1)  # [R, dh, d_out]
+    w_vo = w_v @ w_o
+    b_vo = pool.proj.bias
+    if kv_b is not None:
+        vb = torch.einsum("rd,rde->e", kv_b[width:].reshape(n_heads, d_head), w_o)
+        b_vo = vb if b_vo is None else b_vo + vb
+
+    def pattern(y: torch.Tensor) -> torch.Tensor:
+        b, n, _ = y.shape
+        q = pool.q(pool.latent).reshape(1, 1, n_heads, d_head).transpose(1, 2)  # [1,R,1,dh]
+        k = torch.nn.functional.linear(y, kv_w[:width], kv_b[:width] if kv_b is not None else None)
+        k = k.reshape(b, n, n_heads, d_head).transpose(1, 2)  # [B,R,N,dh]
+        q, k = pool.q_norm(q).to(y.dtype), pool.k_norm(k)
+        return torch.softmax((q @ k.transpose(-1, -2)) * pool.scale, dim=-1)[:, :, 0]  # [B,R,N]
+
+    mlp = CapturePoint(pool.mlp, "output", "pool_mlp") if pool.mlp is not None else None
+    return AttentionPool(w_vo=w_vo, b_vo=b_vo, pattern=pattern, mlp_write=mlp, pooled=CapturePoint(pool, "output", "pooled"))
+
+
 class TimmViTAdapter:
     family = "timm-vit"
-    description = "timm VisionTransformer: DeiT, DeiT3, DINO, DINOv2 (+registers), AugReg, CLIP (cls/avg pooling)"
+    description = (
+        "timm VisionTransformer: DeiT, DeiT3, DINO, DINOv2 (+registers), AugReg, CLIP, SigLIP "
+        "(cls / avg / MAP attention pooling)"
+    )
 
     def matches(self, module: nn.Module) -> bool:
         try:
@@ -113,16 +151,14 @@ class TimmViTAdapter:
 
     def vit_map(self, module: nn.Module) -> ViTMap:
         m: Any = module
-        if getattr(m, "attn_pool", None) is not None:
-            raise UnsupportedModelError(
-                f"{type(m).__name__}.attn_pool: global_pool={m.global_pool!r} (attention pooling) "
-                "is decomposed by the attention-pooling engine, not available in this version"
-            )
+        attn_pool = _attention_pool(m.attn_pool) if getattr(m, "attn_pool", None) is not None else None
         distilled = type(m).__name__ == "VisionTransformerDistilled"
         pool = m.global_pool
         n_prefix = int(m.num_prefix_tokens)
         has_cls = m.cls_token is not None
-        if distilled:
+        if attn_pool is not None:
+            readout_pool, tokens = "attention", ()
+        elif distilled:
             readout_pool, tokens = "tokens", (0, 1)
         elif pool == "token":
             if not has_cls:
@@ -141,6 +177,7 @@ class TimmViTAdapter:
             pooled_norm=FrozenNorm.from_module(m.fc_norm, "fc_norm"),
             pool_start=0 if getattr(m, "pool_include_prefix", False) else n_prefix,
             pool_tokens=tokens,
+            attn_pool=attn_pool,
         )
         blocks = [self._block(i, blk) for i, blk in enumerate(m.blocks)]
         prefix = (["cls"] if has_cls else []) + ["reg"] * (n_prefix - int(has_cls))

@@ -90,13 +90,20 @@ def decompose_vit(
     compute_dtype: torch.dtype = torch.float32,
     meta: dict[str, Any] | None = None,
 ) -> ComponentStack:
-    """Decompose one batch; see :func:`vitdecomp.decompose` for the arguments."""
+    """Decompose one batch; see :func:`vitdecomp.decompose` for the arguments.
+
+    Internally every pooled quantity carries a *route* axis ``R`` (dim 1): the pool heads of
+    an attention pool, or a single route for CLS/mean pooling.
+    """
     n_layers = len(vmap.blocks)
     s0 = _resolve_start(start_layer, n_layers)
     readout = vmap.readout
+    attn_pool = readout.attn_pool
     tokens = granularity == "head_token"
     if mlp_neurons and tokens:
         raise InputError("mlp_neurons=True is not available with granularity='head_token'")
+    if mlp_neurons and attn_pool is not None:
+        raise InputError("mlp_neurons=True is not available for attention-pooled models yet")
     centre = ln_mode == "centered"
     dt = compute_dtype
 
@@ -107,13 +114,18 @@ def decompose_vit(
     dirs = directions.detach().to(dt) if directions is not None else None
 
     def to_output(rows: torch.Tensor) -> torch.Tensor:
-        """Residual-basis rows [..., d] -> output rows [..., d_z or K] (no per-image scale)."""
-        out = readout.channel_map(rows, centre)
+        """Token-side rows ``[B, R, ..., d]`` -> output rows ``[B, ..., d_z or K]`` (routes summed)."""
+        out = readout.route_map(rows, centre, route_dim=1)
+        return out @ dirs.T if dirs is not None else out
+
+    def per_route(rows: torch.Tensor) -> torch.Tensor:
+        """Weights ``[..., d]`` -> ``[R, ..., d_z or K]``, one output map per route (not summed)."""
+        out = readout.route_map_each(rows, centre)
         return out @ dirs.T if dirs is not None else out
 
     proj_heads: dict[int, torch.Tensor] = {}
     if tokens and dirs is not None:
-        proj_heads = {l: to_output(w_out_ls[l]) for l in range(s0, n_layers)}  # [H, dh, K]
+        proj_heads = {l: per_route(w_out_ls[l]) for l in range(s0, n_layers)}  # [R, H, dh, K]
 
     st = _Pass()
 
@@ -153,7 +165,7 @@ def decompose_vit(
                 v = v - blk.attn.v_bias.detach().to(dt)[None, :, None, :]
             parts = (alpha, v, caps.get("mlp_write"), caps.get("mlp_hidden"))
             if plan.separable:
-                st.layers[layer] = pool_block(layer, *parts, omega=plan.w_support[None])
+                st.layers[layer] = pool_block(layer, *parts, omega=plan.w_support[None, None])
             else:
                 st.stored[layer] = parts
 
@@ -167,37 +179,39 @@ def decompose_vit(
         hidden_rows: torch.Tensor | None,
         omega: torch.Tensor,
     ) -> _LayerOut:
-        """Reduce one block with position weights ``omega [B or 1, |S|]``."""
+        """Reduce one block with position weights ``omega [B or 1, R, |S|]``."""
         plan = st.plan
         assert plan is not None
         blk = vmap.blocks[layer]
         out = _LayerOut()
-        beta = torch.einsum("bs,bhst->bht", omega.expand(alpha.shape[0], -1), alpha)  # [B,H,N]
-        weighted_v = beta[..., None] * v  # [B,H,N,dh]
+        batch = alpha.shape[0]
+        omega_b = omega.expand(batch, -1, -1)
+        beta = torch.einsum("brs,bhst->brht", omega_b, alpha)  # [B,R,H,N]
         if tokens:
             if layer in proj_heads:
-                out.heads = torch.einsum("bhtd,hdk->bhtk", weighted_v, proj_heads[layer])
+                out.heads = torch.einsum("brht,bhtd,rhdk->bhtk", beta, v, proj_heads[layer])
                 out.heads_projected = True
             else:
-                out.heads = torch.einsum("bhtd,hde->bhte", weighted_v, w_out_ls[layer])
+                out.heads = torch.einsum("brht,bhtd,hde->brhte", beta, v, w_out_ls[layer])
         else:
-            out.heads = torch.einsum("bhd,hde->bhe", weighted_v.sum(2), w_out_ls[layer])
-        out.bias = _place(omega, _attn_bias(blk, bias_mode, dt), plan, tokens)
+            pooled_v = torch.einsum("brht,bhtd->brhd", beta, v)
+            out.heads = torch.einsum("brhd,hde->brhe", pooled_v, w_out_ls[layer])
+        out.bias = _place(omega_b, _attn_bias(blk, bias_mode, dt), plan, tokens)
         if mlp_neurons:
             if hidden_rows is None or blk.w_mlp_out is None:
                 raise InputError("this model does not expose MLP hidden activations; use mlp_neurons=False")
-            pooled_act = torch.einsum("bs,bsn->bn", omega.expand(hidden_rows.shape[0], -1), hidden_rows)
+            pooled_act = torch.einsum("brs,bsn->brn", omega_b, hidden_rows)  # R == 1 here
             w_mlp = blk.w_mlp_out.detach().to(dt)
             if dirs is not None:
-                out.neurons = pooled_act[..., None] * to_output(w_mlp)[None]
+                out.neurons = pooled_act[..., None] * per_route(w_mlp)[None]
                 out.neurons_projected = True
             else:
-                out.neurons = pooled_act[..., None] * w_mlp[None]
+                out.neurons = pooled_act[..., None] * w_mlp
             b_mlp = blk.b_mlp_out.detach().to(dt) if blk.b_mlp_out is not None else None
-            out.mlp_bias = _place(omega, b_mlp, plan, False)
+            out.mlp_bias = _place(omega_b, b_mlp, plan, False)
         else:
             assert mlp_rows is not None
-            out.mlp = _place_rows(omega, mlp_rows, plan, tokens)
+            out.mlp = _place_rows(omega_b, mlp_rows, plan, tokens)
         return out
 
     specs: list[Any] = [(vmap.blocks[s0].module, "input", on_block_input)]
@@ -211,6 +225,11 @@ def decompose_vit(
             specs.append((hp.module, hp.where, capture(layer, "mlp_hidden", True)))
         specs.append((blk.module, "output", on_block_end(layer)))
     specs.append((vmap.blocks[-1].module, "output", on_last_output))
+    pool_caps: dict[str, torch.Tensor] = {}
+    if attn_pool is not None:
+        for key, cp in (("pool_mlp", attn_pool.mlp_write), ("pooled", attn_pool.pooled)):
+            if cp is not None:
+                specs.append((cp.module, cp.where, lambda x, key=key: pool_caps.__setitem__(key, x.to(dt).clone())))
 
     with hooks(specs):
         reference = vmap.forward(pixels)
@@ -223,28 +242,42 @@ def decompose_vit(
     # ---- frozen readout statistics from the captured last-block rows
     x_out = st.x_out  # [B, |S|, d]
     w_s = plan.w_support
-    scale = torch.ones(batch, dtype=dt, device=x_out.device)  # tau * rho per image
+    scale = torch.ones(batch, dtype=dt, device=x_out.device)  # per-image scalar of the readout
     const = torch.zeros(batch, x_out.shape[-1], dtype=dt, device=x_out.device)
-    if readout.token_norm is not None:
-        mu_p, inv_p = readout.token_norm.stats(x_out)  # [B,|S|,1]
-        omega = w_s[None] * inv_p[..., 0]  # [B,|S|]
-        pooled = torch.einsum("s,bsd->bd", w_s, readout.token_norm.apply(x_out))
-        beta1 = readout.token_norm.bias
-        if beta1 is not None:
-            const = const + w_s.sum() * beta1.detach().to(dt)
+    tn = readout.token_norm
+    normed = tn.apply(x_out) if tn is not None else x_out
+    if tn is not None:
+        mu_p, inv_p = tn.stats(x_out)  # [B,|S|,1]
+    if attn_pool is not None:
+        route_w = attn_pool.pattern(normed).to(dt)  # [B,R,|S|]
+    else:
+        route_w = w_s[None, None].expand(batch, 1, -1)
+    omega = route_w * inv_p[..., 0][:, None] if tn is not None else route_w  # [B,R,|S|]
+    if tn is not None:
+        if tn.bias is not None:
+            const = const + tn.bias.detach().to(dt)  # pooling weights of each route sum to 1
         if not centre:
-            gamma1 = readout.token_norm.weight
-            shift = torch.einsum("bs,bs->b", omega, mu_p[..., 0])[:, None]
-            const = const - (gamma1.detach().to(dt) if gamma1 is not None else 1.0) * shift
+            gamma1 = tn.weight.detach().to(dt) if tn.weight is not None else torch.ones_like(const[0])
+            shift = torch.einsum("brs,bs->br", omega, mu_p[..., 0])  # [B,R]
+            const = const[:, None] - shift[..., None] * gamma1  # [B,R,d]
         if plan.separable:
             scale = scale * inv_p[:, 0, 0]
+    if const.dim() == 2:  # beta_1 reaches the output once through every route
+        const = const[:, None].expand(batch, readout.n_routes, -1)
+    # const is now per route [B,R,d] on the token side; map it through the routes
+    if attn_pool is not None:
+        const = torch.einsum("brd,rde->be", const, attn_pool.w_vo.detach().to(dt))
+        if attn_pool.b_vo is not None:
+            const = const + attn_pool.b_vo.detach().to(dt)
+        pooled = pool_caps["pooled"].reshape(batch, -1)
     else:
-        omega = w_s[None].expand(batch, -1)
-        pooled = torch.einsum("s,bsd->bd", w_s, x_out)
+        const = const.sum(1)
+        pooled = torch.einsum("s,bsd->bd", w_s, normed)
     if not plan.separable:
         for layer, parts in sorted(st.stored.items()):
             st.layers[layer] = pool_block(layer, *parts, omega=omega)
         st.stored.clear()
+    pool_mlp = pool_caps["pool_mlp"].reshape(batch, -1) if "pool_mlp" in pool_caps else None
     if readout.pooled_norm is not None:
         mu2, inv2 = readout.pooled_norm.stats(pooled)
         if centre:
@@ -266,13 +299,9 @@ def decompose_vit(
         out = rows if projected else to_output(rows)
         return out * scale.view(batch, *([1] * (out.dim() - 1)))
 
-    first = st.x_in
-    if tokens:
-        first_rows = _place_rows(omega if not plan.separable else w_s[None], first, plan, True)
-    else:
-        first_rows = torch.einsum("bs,bsd->bd", (omega if not plan.separable else w_s[None]).expand(batch, -1), first)
+    first_w = omega if not plan.separable else w_s[None, None]
     labels: list[ComponentLabel] = [ComponentLabel("embed" if s0 == 0 else "rest")]
-    rows: list[torch.Tensor] = [finish(first_rows, False)[None]]
+    rows: list[torch.Tensor] = [finish(_place_rows(first_w.expand(batch, -1, -1), st.x_in, plan, tokens), False)[None]]
     for layer in range(s0, n_layers):
         out = st.layers[layer]
         heads = finish(out.heads, out.heads_projected)  # [B,H,(N),k]
@@ -296,7 +325,7 @@ def decompose_vit(
             labels.append(ComponentLabel("bias", layer))
         if out.neurons is not None:
             rows.append(finish(out.neurons, out.neurons_projected).movedim(1, 0))
-            labels.extend(ComponentLabel("neuron", layer, neuron=n) for n in range(out.neurons.shape[1]))
+            labels.extend(ComponentLabel("neuron", layer, neuron=n) for n in range(out.neurons.shape[2]))
             if out.mlp_bias is not None:
                 rows.append(finish(out.mlp_bias, False)[None])
                 labels.append(ComponentLabel("mlp_bias", layer))
@@ -304,34 +333,38 @@ def decompose_vit(
             assert out.mlp is not None
             rows.append(finish(out.mlp, False)[None])
             labels.append(ComponentLabel("mlp", layer))
+
+    def at_pooled_positions(vec: torch.Tensor) -> torch.Tensor:
+        """A pooled-side row ``[B, k]``, spread over the pooled tokens for token stacks."""
+        if not tokens:
+            return vec
+        share = (w_s / w_s.sum())[None, :, None] * vec[:, None, :]
+        out = vec.new_zeros(batch, plan.n_tokens, vec.shape[-1])
+        out[:, plan.support] = share
+        return out
+
+    if pool_mlp is not None:
+        mlp_out = readout.after_pool(pool_mlp, centre)
+        mlp_out = (mlp_out @ dirs.T if dirs is not None else mlp_out) * scale[:, None]
+        rows.append(at_pooled_positions(mlp_out)[None])
+        labels.append(ComponentLabel("pool_mlp"))
     values = torch.cat(rows, dim=0)
 
     # ---- the readout constant: its own row, or spread over the component rows
-    if tokens:
-        const_rows = (plan.w_support / plan.w_support.sum())[None, :, None] * const[:, None, :]
-        const_tok = torch.zeros(batch, plan.n_tokens, const.shape[-1], dtype=dt, device=const.device)
-        const_tok[:, plan.support] = const_rows
-        const_value = const_tok
-    else:
-        const_value = const
+    const_value = at_pooled_positions(const)
     if ln_mode == "anchor" or bias_mode == "split":
         values = values + const_value[None] / values.shape[0]
     else:
         values = torch.cat([values, const_value[None]], dim=0)
         labels.append(ComponentLabel("const"))
 
-    if dirs is not None:
-        reference_out = reference @ dirs.T
-    else:
-        reference_out = reference
+    reference_out = reference @ dirs.T if dirs is not None else reference
     if normalize:
         norm = reference.norm(dim=-1).clamp_min(torch.finfo(dt).tiny)
         values = values / norm.view(1, batch, *([1] * (values.dim() - 2)))
         reference_out = reference_out / norm[:, None]
 
-    token_info = None
-    if tokens:
-        token_info = _token_info(vmap, pixels, plan.n_tokens)
+    token_info = _token_info(vmap, pixels, plan.n_tokens) if tokens else None
     info = dict(meta or {})
     info.update(
         granularity=granularity,
@@ -375,24 +408,24 @@ def _attn_bias(blk: BlockMap, bias_mode: str, dt: torch.dtype) -> torch.Tensor |
 
 
 def _place(omega: torch.Tensor, vec: torch.Tensor | None, plan: _Plan, tokens: bool) -> torch.Tensor | None:
-    """A constant write ``vec [d]`` at every pooled position, weighted by ``omega``."""
+    """A constant write ``vec [d]`` at every pooled position, weighted by ``omega [B, R, |S|]``."""
     if vec is None:
         return None
     if not tokens:
-        return omega.sum(-1)[:, None] * vec
-    rows = omega[..., None] * vec
-    return _scatter(rows, plan)
+        return omega.sum(-1)[..., None] * vec  # [B, R, d]
+    return _scatter(omega[..., None] * vec, plan)  # [B, R, N, d]
 
 
 def _place_rows(omega: torch.Tensor, rows: torch.Tensor, plan: _Plan, tokens: bool) -> torch.Tensor:
-    """Per-position writes ``rows [B, |S|, d]`` pooled (``[B, d]``) or kept per token (``[B, N, d]``)."""
-    weighted = omega.expand(rows.shape[0], -1)[..., None] * rows
-    return _scatter(weighted, plan) if tokens else weighted.sum(1)
+    """Per-position writes ``rows [B, |S|, d]`` pooled per route: ``[B, R, d]`` (or ``[B, R, N, d]``)."""
+    weighted = omega[..., None] * rows[:, None]  # [B, R, |S|, d]
+    return _scatter(weighted, plan) if tokens else weighted.sum(2)
 
 
 def _scatter(rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    out = rows.new_zeros(rows.shape[0], plan.n_tokens, rows.shape[-1])
-    out[:, plan.support] = rows
+    """``[..., |S|, d]`` -> ``[..., N, d]`` with zeros outside the pooled positions."""
+    out = rows.new_zeros(*rows.shape[:-2], plan.n_tokens, rows.shape[-1])
+    out[..., plan.support, :] = rows
     return out
 
 
