@@ -326,6 +326,26 @@ class ComponentStack:
         reference = self.reference @ directions.to(self.reference.device, self.reference.dtype).T
         return replace(self, values=values, reference=reference, space="projected")
 
+    def token_shares(self) -> dict[str, torch.Tensor]:
+        """Mass share of each token type in every component (METHOD §2.3).
+
+        For type ``T`` (``"cls"``, ``"reg"``, ``"patch"``) and component ``i``,
+        ``||sum_{t in T} c_{i,t}|| / ||sum_t c_{i,t}||`` per image: ``{type: [comp, batch]}``.
+        Registers can carry a head's global information, so a heatmap over patches alone
+        can mislead where the register share is large.
+        """
+        import torch
+
+        if not self.has_tokens or self.tokens is None:
+            raise ValueError("token_shares() needs a token stack (granularity='head_token')")
+        total = self.values.sum(2).norm(dim=-1).clamp_min(torch.finfo(self.values.dtype).tiny)
+        shares = {}
+        for kind in dict.fromkeys(self.tokens.types):
+            idx = [i for i, t in enumerate(self.tokens.types) if t == kind]
+            part = self.values[:, :, idx].sum(2).norm(dim=-1)
+            shares[kind] = part / total
+        return shares
+
     def norms(self) -> torch.Tensor:
         """L2 norm of every component per image: ``[comp, batch]`` (tokens summed first)."""
         return self.sum_tokens().values.norm(dim=-1)

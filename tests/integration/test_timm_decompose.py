@@ -343,3 +343,17 @@ def test_bad_pixels():
     for bad in (x[0], x[:0], x.to(torch.uint8), x.numpy()):
         with pytest.raises(vd.InputError):
             vd.decompose(model, bad)
+
+
+def test_register_and_cls_shares_are_reported():
+    model = vd.wrap(tiny_timm_vit("vit_small_patch14_reg4_dinov2", depth=2, img_size=56))
+    stack = vd.decompose(model, model.example_input(batch=2), granularity="head_token")
+    shares = stack.token_shares()
+    assert set(shares) == {"cls", "reg", "patch"}
+    assert stack.tokens.types[:5] == ("cls", "reg", "reg", "reg", "reg") and stack.tokens.grid == (4, 4)
+    head = stack.index("L01.H00")
+    values = stack.values[head]  # [batch, token, d]
+    expected = values[:, 1:5].sum(1).norm(dim=-1) / values.sum(1).norm(dim=-1)
+    torch.testing.assert_close(shares["reg"][head], expected)
+    with pytest.raises(ValueError):
+        stack.sum_tokens().token_shares()
