@@ -133,7 +133,14 @@ class Model:
 
     def describe(self) -> dict[str, Any]:
         """Facts about the model for tables and manifests."""
-        vm = self.vit_map
+        structure = self.structure
+        own = getattr(structure, "describe", None)
+        if callable(own):  # structures other than ViTMap (e.g. Swin) describe themselves
+            facts = {"name": self.name, "family": self.family, "weights": self.weights}
+            facts.update(own())
+            facts["input_size"] = list(self.preprocessing.input_size)
+            return facts
+        vm = structure
         ro = vm.readout
         return {
             "name": self.name,
