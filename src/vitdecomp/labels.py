@@ -16,7 +16,7 @@ A label is a small frozen record with a canonical string form::
     other          the sum of rows removed by ``select(..., keep_rest=True)``
 
 Hierarchical models (Swin, MaxViT) name blocks by stage and block within the stage,
-``S3.B17.H05``, and keep the global block index in ``layer`` for selection; labels parsed
+``S2.B17.H05`` (stages and blocks count from 0: Swin-B's 18-block stage is ``S2``), and keep the global block index in ``layer`` for selection; labels parsed
 from such strings carry no ``layer``, so stacks look labels up by their string form.
 A token index (``t012``) is appended when a stack is flattened over tokens
 (``L07.H03.t012``). Layers count from 0 at the input.
@@ -30,10 +30,10 @@ from typing import Any, Literal
 __all__ = ["ComponentKind", "ComponentLabel", "parse_label"]
 
 ComponentKind = Literal[
-    "embed", "rest", "block", "attn", "head", "bias", "mlp", "neuron", "mlp_bias", "pool_mlp", "const", "other"
+    "embed", "rest", "block", "attn", "head", "bias", "mlp", "neuron", "mlp_bias", "conv", "pool_mlp", "const", "other"
 ]
 
-_KINDS_WITH_LAYER = {"block", "attn", "head", "bias", "mlp", "neuron", "mlp_bias"}
+_KINDS_WITH_LAYER = {"block", "attn", "head", "bias", "mlp", "neuron", "mlp_bias", "conv"}
 
 
 @dataclass(frozen=True, order=True)
@@ -47,7 +47,7 @@ class ComponentLabel:
         neuron: MLP hidden unit index, for ``kind == "neuron"``.
         token: source token index, only in stacks flattened over tokens.
         stage: stage index for hierarchical models (None for isotropic ViTs).
-        block: block index within its stage (hierarchical models; shown as ``S3.B17``).
+        block: block index within its stage (hierarchical models; shown as ``S2.B17``).
     """
 
     kind: ComponentKind
@@ -94,7 +94,7 @@ class ComponentLabel:
 
 
 _LABEL_RE = re.compile(
-    r"^(?:S(?P<stage>\d+)\.B(?P<block>\d+)|L(?P<layer>\d+))(?:\.(?:H(?P<head>\d+)|N(?P<neuron>\d+)|(?P<kind>attn|bias|mlp|mlp_bias)))?$"
+    r"^(?:S(?P<stage>\d+)\.B(?P<block>\d+)|L(?P<layer>\d+))(?:\.(?:H(?P<head>\d+)|N(?P<neuron>\d+)|(?P<kind>attn|bias|mlp|mlp_bias|conv)))?$"
 )
 
 

@@ -274,15 +274,24 @@ class ComponentStack:
         """Sum rows that share a key; totals are unchanged.
 
         Args:
-            by: ``"layer"`` (one row per block: ``L07.block``), ``"attn_mlp"``
-                (heads and attention bias -> ``L07.attn``, neurons and MLP bias ->
-                ``L07.mlp``), ``"kind"``, or a function mapping a label to its group label.
+            by: ``"layer"`` (one row per block: ``L07``), ``"attn_mlp"`` (heads and
+                attention bias -> ``L07.attn``, neurons and MLP bias -> ``L07.mlp``; a conv
+                layer's bias stays with its ``conv``), or a function mapping a label to its
+                group label.
         """
         import torch
 
-        key = _GROUPERS[by] if isinstance(by, str) else by
         if isinstance(by, str) and by not in _GROUPERS:
             raise ValueError(f"unknown grouping {by!r}; use one of {sorted(_GROUPERS)} or a function")
+        key = _GROUPERS[by] if isinstance(by, str) else by
+        if by == "attn_mlp":
+            # a conv layer's bias row (MaxViT shortcut bias) belongs to the conv, not to attention
+            conv_layers = {(lab.layer, lab.stage, lab.block) for lab in self.labels if lab.kind == "conv"}
+
+            def key(lab: ComponentLabel) -> ComponentLabel:
+                if lab.kind == "bias" and (lab.layer, lab.stage, lab.block) in conv_layers:
+                    return ComponentLabel("conv", lab.layer, stage=lab.stage, block=lab.block)
+                return _by_attn_mlp(lab)
         order: dict[ComponentLabel, list[int]] = {}
         for i, lab in enumerate(self.labels):
             order.setdefault(key(lab), []).append(i)

@@ -178,7 +178,7 @@ def registered_adapters() -> list[Adapter]:
     return list(_ADAPTERS)
 
 
-_BUILTIN = ("timm_vit", "open_clip_vit", "hf_vit", "timm_swin")
+_BUILTIN = ("timm_vit", "open_clip_vit", "hf_vit", "timm_swin", "timm_maxvit")
 
 
 def _load_builtin_adapters() -> None:
