@@ -1,0 +1,1 @@
+"""The ``vitdecomp`` command. Subcommand modules import torch-side libraries only when they run."""

@@ -1,0 +1,1 @@
+"""Readers that turn files into model inputs (images now; datasets later)."""
