@@ -17,6 +17,8 @@ __all__ = [
     "tiny_hf_clip_vision",
     "tiny_hf_vit",
     "tiny_hf_dinov2",
+    "tiny_hf_clip",
+    "tiny_hf_dinov2_registers",
 ]
 
 
@@ -106,3 +108,35 @@ def tiny_hf_dinov2(seed: int = 0, **kwargs: Any) -> nn.Module:
 
     torch.manual_seed(seed)
     return perturb(Dinov2Model(Dinov2Config(**_hf_vision_kwargs(**kwargs))), seed)
+
+
+def tiny_hf_clip(seed: int = 0, classifier: bool = False, attn_implementation: str | None = None, **kwargs: Any) -> nn.Module:
+    """transformers ``CLIPModel`` (image + text towers, projection dim 32) at random init.
+
+    With ``classifier=True``, a ``CLIPForImageClassification`` (10 labels) on the same
+    vision config. ``kwargs`` go to the vision config; the text tower is 2 layers, width 32,
+    vocabulary 100, context 16.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPForImageClassification, CLIPModel
+
+    torch.manual_seed(seed)
+    text = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    config = CLIPConfig(text_config=text, vision_config=_hf_vision_kwargs(**kwargs), projection_dim=32, num_labels=10)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    cls = CLIPForImageClassification if classifier else CLIPModel
+    return perturb(cls(config), seed)
+
+
+def tiny_hf_dinov2_registers(seed: int = 0, num_register_tokens: int = 2, **kwargs: Any) -> nn.Module:
+    """transformers ``Dinov2WithRegistersModel`` (CLS + registers, LayerScale) at random init."""
+    import torch
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(seed)
+    config = Dinov2WithRegistersConfig(num_register_tokens=num_register_tokens, **_hf_vision_kwargs(**kwargs))
+    return perturb(Dinov2WithRegistersModel(config), seed)
