@@ -168,10 +168,10 @@ class ComponentStack:
         """Sum over components (and tokens), accumulated in float64: ``[batch, d]``."""
         import torch
 
-        v = self.values.to(torch.float64)
-        total = v.sum(dim=0)
-        if self.has_tokens:
-            total = total.sum(dim=1)
+        total = torch.zeros(self.reference.shape, dtype=torch.float64, device=self.values.device)
+        for chunk in self.values.split(16):  # bounded memory: no full float64 copy
+            part = chunk.to(torch.float64).sum(dim=0)
+            total += part.sum(dim=1) if self.has_tokens else part
         return total
 
     def error(self) -> float:

@@ -57,6 +57,7 @@ class _LayerOut:
 
     heads: torch.Tensor | None = None  # [B, H, d] / [B, H, N, d|K]
     heads_projected: bool = False
+    heads_in_buffer: int = 0  # token stacks: this many head rows already sit in the buffer
     bias: torch.Tensor | None = None  # [B, d] / [B, N, d]
     mlp: torch.Tensor | None = None  # [B, d] / [B, N, d]
     neurons: torch.Tensor | None = None  # [B, n, d|K]
@@ -74,6 +75,7 @@ class _Pass:
     caps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     layers: dict[int, _LayerOut] = field(default_factory=dict)
     stored: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    buffer: torch.Tensor | None = None  # final values of a token stack, filled in place
 
 
 def decompose_vit(
@@ -128,6 +130,26 @@ def decompose_vit(
         proj_heads = {l: per_route(w_out_ls[l]) for l in range(s0, n_layers)}  # [R, H, dh, K]
 
     st = _Pass()
+    # Token stacks are large ([comp, batch, token, k]): their head rows are written straight
+    # into the final buffer (output basis, before the per-image scale) as each block is
+    # reduced, so the peak is one copy of the result, not two.
+    head_offset: dict[int, int] = {}
+    n_rows = 1
+    for layer in range(s0, n_layers):
+        head_offset[layer] = n_rows
+        n_rows += vmap.blocks[layer].attn.n_heads
+        n_rows += int(bias_mode == "explicit" and _attn_bias(vmap.blocks[layer], bias_mode, dt) is not None)
+        n_rows += 1  # mlp
+    n_rows += int(attn_pool is not None and attn_pool.mlp_write is not None)
+    const_row = not (ln_mode == "anchor" or bias_mode == "split")
+    n_rows += int(const_row)
+
+    def token_buffer(batch: int, n_tok: int, like: torch.Tensor) -> torch.Tensor:
+        if st.buffer is None:
+            d_in = w_out_ls[s0].shape[-1]
+            width = to_output(like.new_zeros(1, readout.n_routes, d_in)).shape[-1]
+            st.buffer = like.new_empty(n_rows, batch, n_tok, width)
+        return st.buffer
 
     def plan_for(x: torch.Tensor) -> _Plan:
         if st.plan is None:
@@ -189,10 +211,13 @@ def decompose_vit(
         beta = torch.einsum("brs,bhst->brht", omega_b, alpha)  # [B,R,H,N]
         if tokens:
             if layer in proj_heads:
-                out.heads = torch.einsum("brht,bhtd,rhdk->bhtk", beta, v, proj_heads[layer])
-                out.heads_projected = True
+                heads = torch.einsum("brht,bhtd,rhdk->bhtk", beta, v, proj_heads[layer])
             else:
-                out.heads = torch.einsum("brht,bhtd,hde->brhte", beta, v, w_out_ls[layer])
+                heads = to_output(torch.einsum("brht,bhtd,hde->brhte", beta, v, w_out_ls[layer]))
+            buf = token_buffer(batch, plan.n_tokens, heads)
+            buf[head_offset[layer] : head_offset[layer] + heads.shape[1]] = heads.movedim(1, 0)
+            out.heads_in_buffer = heads.shape[1]
+            del heads
         else:
             pooled_v = torch.einsum("brht,bhtd->brhd", beta, v)
             out.heads = torch.einsum("brhd,hde->brhe", pooled_v, w_out_ls[layer])
@@ -301,37 +326,44 @@ def decompose_vit(
 
     first_w = omega if not plan.separable else w_s[None, None]
     labels: list[ComponentLabel] = [ComponentLabel("embed" if s0 == 0 else "rest")]
-    rows: list[torch.Tensor] = [finish(_place_rows(first_w.expand(batch, -1, -1), st.x_in, plan, tokens), False)[None]]
+    writer = _Rows(st.buffer if tokens else None)
+    writer.put(finish(_place_rows(first_w.expand(batch, -1, -1), st.x_in, plan, tokens), False)[None])
     for layer in range(s0, n_layers):
-        out = st.layers[layer]
-        heads = finish(out.heads, out.heads_projected)  # [B,H,(N),k]
-        n_heads = heads.shape[1]
+        out = st.layers.pop(layer)
+        if out.heads_in_buffer:
+            n_heads = out.heads_in_buffer
+            heads = writer.next_rows(n_heads)  # [H, B, N, k], in place
+            heads.mul_(scale.view(1, batch, 1, 1))
+        else:
+            heads = finish(out.heads, out.heads_projected).movedim(1, 0)  # [H,B,(N),k]
+            n_heads = heads.shape[0]
         bias = finish(out.bias, False) if out.bias is not None else None
         if bias is not None and bias_mode in ("anchor", "split"):
             # the layer's constant, shared equally by its H heads (H*N cells for tokens)
             if tokens:
-                heads = heads + (bias.sum(1) / (n_heads * plan.n_tokens))[:, None, None, :]
+                heads += (bias.sum(1) / (n_heads * plan.n_tokens))[None, :, None, :]
             else:
-                heads = heads + (bias / n_heads)[:, None, :]
+                heads += (bias / n_heads)[None]
             bias = None
         if granularity == "layer":
-            rows.append(heads.sum(1)[None])
+            writer.put(heads.sum(0, keepdim=True))
             labels.append(ComponentLabel("attn", layer))
         else:
-            rows.append(heads.movedim(1, 0))
+            if not out.heads_in_buffer:
+                writer.put(heads)
             labels.extend(ComponentLabel("head", layer, head=h) for h in range(n_heads))
         if bias is not None:
-            rows.append(bias[None])
+            writer.put(bias[None])
             labels.append(ComponentLabel("bias", layer))
         if out.neurons is not None:
-            rows.append(finish(out.neurons, out.neurons_projected).movedim(1, 0))
+            writer.put(finish(out.neurons, out.neurons_projected).movedim(1, 0))
             labels.extend(ComponentLabel("neuron", layer, neuron=n) for n in range(out.neurons.shape[2]))
             if out.mlp_bias is not None:
-                rows.append(finish(out.mlp_bias, False)[None])
+                writer.put(finish(out.mlp_bias, False)[None])
                 labels.append(ComponentLabel("mlp_bias", layer))
         else:
             assert out.mlp is not None
-            rows.append(finish(out.mlp, False)[None])
+            writer.put(finish(out.mlp, False)[None])
             labels.append(ComponentLabel("mlp", layer))
 
     def at_pooled_positions(vec: torch.Tensor) -> torch.Tensor:
@@ -346,17 +378,18 @@ def decompose_vit(
     if pool_mlp is not None:
         mlp_out = readout.after_pool(pool_mlp, centre)
         mlp_out = (mlp_out @ dirs.T if dirs is not None else mlp_out) * scale[:, None]
-        rows.append(at_pooled_positions(mlp_out)[None])
+        writer.put(at_pooled_positions(mlp_out)[None])
         labels.append(ComponentLabel("pool_mlp"))
-    values = torch.cat(rows, dim=0)
 
     # ---- the readout constant: its own row, or spread over the component rows
     const_value = at_pooled_positions(const)
-    if ln_mode == "anchor" or bias_mode == "split":
-        values = values + const_value[None] / values.shape[0]
-    else:
-        values = torch.cat([values, const_value[None]], dim=0)
+    if const_row:
+        writer.put(const_value[None])
         labels.append(ComponentLabel("const"))
+    values = writer.result()
+    if not const_row:
+        values += const_value[None] / values.shape[0]
+    assert values.shape[0] == len(labels)
 
     reference_out = reference @ dirs.T if dirs is not None else reference
     if normalize:
@@ -384,6 +417,35 @@ def decompose_vit(
         tokens=token_info,
         meta=info,
     )
+
+
+class _Rows:
+    """Collects output rows: appended to a list, or written into a preallocated buffer."""
+
+    def __init__(self, buffer: torch.Tensor | None) -> None:
+        self.buffer = buffer
+        self.parts: list[torch.Tensor] = []
+        self.n = 0
+
+    def put(self, rows: torch.Tensor) -> None:
+        if self.buffer is None:
+            self.parts.append(rows)
+        else:
+            self.buffer[self.n : self.n + rows.shape[0]] = rows
+        self.n += rows.shape[0]
+
+    def next_rows(self, count: int) -> torch.Tensor:
+        """The next ``count`` rows of the buffer (already filled), as a view."""
+        assert self.buffer is not None
+        view = self.buffer[self.n : self.n + count]
+        self.n += count
+        return view
+
+    def result(self) -> torch.Tensor:
+        if self.buffer is None:
+            return torch.cat(self.parts, dim=0)
+        assert self.n == self.buffer.shape[0], (self.n, self.buffer.shape)
+        return self.buffer
 
 
 def _resolve_start(start_layer: int, n_layers: int) -> int:
