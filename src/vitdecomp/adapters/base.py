@@ -31,6 +31,7 @@ __all__ = [
     "register_adapter",
     "adapter_for",
     "registered_adapters",
+    "layer_scale_gamma",
 ]
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,18 @@ class Adapter(Protocol):
 
     def classifier(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(W ``[classes, d_z]``, b) mapping the representation to logits, if the model has one."""
+
+
+def layer_scale_gamma(module: Any, name: str) -> torch.Tensor | None:
+    """LayerScale gamma ``[d]`` of a timm/open_clip ``LayerScale``; None for a missing or Identity one."""
+    from torch import nn
+
+    if module is None or isinstance(module, nn.Identity):
+        return None
+    gamma = getattr(module, "gamma", None)
+    if gamma is None:
+        raise UnsupportedModelError(f"{name}: layer scale {type(module).__name__} has no `gamma`")
+    return gamma
 
 
 _ADAPTERS: list[Adapter] = []

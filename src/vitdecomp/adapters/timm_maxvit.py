@@ -28,24 +28,13 @@ from typing import TYPE_CHECKING, Any
 from ..engines.maxvit import ConvUnitMap, MaxViTMap, PartitionUnitMap, ShortcutMap
 from ..errors import UnsupportedModelError
 from ..readout import FrozenNorm
-from .base import CapturePoint, Preprocessing, register_adapter
+from .base import CapturePoint, Preprocessing, layer_scale_gamma, register_adapter
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 __all__ = ["TimmMaxViTAdapter"]
-
-
-def _ls_gamma(module: Any, name: str) -> torch.Tensor | None:
-    from torch import nn
-
-    if module is None or isinstance(module, nn.Identity):
-        return None
-    gamma = getattr(module, "gamma", None)
-    if gamma is None:
-        raise UnsupportedModelError(f"{name}: layer scale {type(module).__name__} has no `gamma`")
-    return gamma
 
 
 def _conv1x1(conv: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -175,7 +164,7 @@ class TimmMaxViTAdapter:
         mlp = m.mlp
         if type(mlp) is not Mlp or not isinstance(mlp.fc2, nn.Linear):
             raise UnsupportedModelError(f"{path}.mlp: {type(mlp).__name__} is not timm's Mlp")
-        ls2 = _ls_gamma(m.ls2, f"{path}.ls2")
+        ls2 = layer_scale_gamma(m.ls2, f"{path}.ls2")
         fc2 = mlp.fc2
         w_mlp_out = fc2.weight.T if ls2 is None else fc2.weight.T * ls2
         b_mlp_out = None
@@ -203,7 +192,7 @@ class TimmMaxViTAdapter:
             qkv=CapturePoint(attn.qkv, "output", "qkv"),
             split_qkv=split_qkv,
             rel_bias=rel_bias,
-            ls1=_ls_gamma(m.ls1, f"{path}.ls1"),
+            ls1=layer_scale_gamma(m.ls1, f"{path}.ls1"),
             mlp_write=CapturePoint(m.ls2, "output", "mlp_write"),
             mlp_hidden=CapturePoint(fc2, "input", "mlp_hidden"),
             w_mlp_out=w_mlp_out,

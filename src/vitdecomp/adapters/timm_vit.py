@@ -15,24 +15,21 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedModelError
 from ..readout import AttentionPool, FrozenNorm, ViTReadout
-from .base import AttentionMap, BlockMap, CapturePoint, Preprocessing, ViTMap, register_adapter
+from .base import (
+    AttentionMap,
+    BlockMap,
+    CapturePoint,
+    Preprocessing,
+    ViTMap,
+    layer_scale_gamma,
+    register_adapter,
+)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 __all__ = ["TimmViTAdapter"]
-
-
-def _ls_gamma(module: Any, name: str) -> torch.Tensor | None:
-    from torch import nn
-
-    if module is None or isinstance(module, nn.Identity):
-        return None
-    gamma = getattr(module, "gamma", None)
-    if gamma is None:
-        raise UnsupportedModelError(f"{name}: layer scale {type(module).__name__} has no `gamma`")
-    return gamma
 
 
 def _attention_pool(pool: Any) -> AttentionPool:
@@ -121,7 +118,7 @@ class TimmViTAdapter:
             q, k, v = x.reshape(b, n, 3, n_heads, d_head).permute(2, 0, 3, 1, 4).unbind(0)
             return q_norm(q), k_norm(k), v
 
-        ls2 = _ls_gamma(blk.ls2, f"{name}.ls2")
+        ls2 = layer_scale_gamma(blk.ls2, f"{name}.ls2")
         fc2 = getattr(blk.mlp, "fc2", None)
         w_mlp_out = b_mlp_out = None
         hidden = None
@@ -142,7 +139,7 @@ class TimmViTAdapter:
                 captures=[CapturePoint(attn.qkv, "output", "qkv")],
                 qkv=qkv,
             ),
-            ls1=_ls_gamma(blk.ls1, f"{name}.ls1"),
+            ls1=layer_scale_gamma(blk.ls1, f"{name}.ls1"),
             mlp_write=CapturePoint(blk.ls2, "output", "mlp_write"),
             mlp_hidden=hidden,
             w_mlp_out=w_mlp_out,
