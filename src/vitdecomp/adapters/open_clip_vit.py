@@ -77,7 +77,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, UnsupportedModelError
 from ..readout import FrozenNorm, ViTReadout
-from .base import AttentionMap, BlockMap, CapturePoint, Preprocessing, ViTMap, register_adapter
+from .base import (
+    AttentionMap,
+    BlockMap,
+    CapturePoint,
+    Preprocessing,
+    ViTMap,
+    layer_scale_gamma,
+    register_adapter,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -132,18 +140,6 @@ def _is_timm_tower(tower: Any) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(tower, TimmModel)
-
-
-def _ls_gamma(module: Any, name: str) -> torch.Tensor | None:
-    """LayerScale gamma ``[d]``; None for a missing or Identity layer scale."""
-    from torch import nn
-
-    if module is None or isinstance(module, nn.Identity):
-        return None
-    gamma = getattr(module, "gamma", None)
-    if gamma is None:
-        raise UnsupportedModelError(f"{name}: layer scale {type(module).__name__} has no `gamma`")
-    return gamma
 
 
 def _is_identity(module: Any) -> bool:
@@ -288,7 +284,7 @@ class OpenClipViTAdapter:
             )
         attn = self._attention(f"{name}.attn", blk.attn, transformer_batch_first, layout)
         ls_2 = getattr(blk, "ls_2", None)
-        gamma2 = _ls_gamma(ls_2, f"{name}.ls_2")
+        gamma2 = layer_scale_gamma(ls_2, f"{name}.ls_2")
         c_proj = getattr(blk.mlp, "c_proj", None)
         hidden = w_mlp = b_mlp = None
         if isinstance(c_proj, nn.Linear):
@@ -299,7 +295,7 @@ class OpenClipViTAdapter:
         return BlockMap(
             module=blk,
             attn=attn,
-            ls1=_ls_gamma(getattr(blk, "ls_1", None), f"{name}.ls_1"),
+            ls1=layer_scale_gamma(getattr(blk, "ls_1", None), f"{name}.ls_1"),
             mlp_write=CapturePoint(ls_2 if ls_2 is not None else blk.mlp, "output", "mlp_write"),
             mlp_hidden=hidden,
             w_mlp_out=w_mlp,
