@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": "vitdecomp.model",
+    "load": "vitdecomp.loading",
     "wrap": "vitdecomp.model",
     "Model": "vitdecomp.model",
     "WeightsUnavailableError": "vitdecomp.model",
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .decompose import decompose
     from .errors import DecompositionError, InputError, UnsupportedModelError, VitDecompError
     from .labels import ComponentLabel, parse_label
-    from .model import Model, WeightsUnavailableError, load, wrap
+    from .loading import load
+    from .model import Model, WeightsUnavailableError, wrap
     from .stack import ComponentStack, TokenInfo
 
 

@@ -1,8 +1,7 @@
 """``Model``: a stock module, the adapter that reads it, and its own preprocessing.
 
-``vd.load("timm:deit_small_patch16_224")`` and friends build the module with its library's
-own factory (weights from the user's hub cache or a local checkpoint); ``vd.wrap(module)``
-takes a module the user already built. Either way the module is not modified: the
+``vd.load(...)`` (:mod:`vitdecomp.loading`) builds the module with its library's own
+factory; ``vd.wrap(module)`` takes a module the user already built. Either way the module is not modified: the
 adapter only reads it, and hooks live for one forward pass.
 """
 from __future__ import annotations
@@ -20,12 +19,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Model", "load", "wrap", "load_checkpoint", "WeightsUnavailableError", "SPEC_PREFIXES"]
+__all__ = ["Model", "wrap", "load_checkpoint", "weights_unavailable", "WeightsUnavailableError"]
 
 log = logging.getLogger(__name__)
-
-SPEC_PREFIXES = ("timm", "open_clip", "hf")
-
 
 class WeightsUnavailableError(InputError):
     """Pretrained weights could not be found (offline, no cache, no checkpoint)."""
@@ -191,51 +187,6 @@ def wrap(module: Any, *, name: str | None = None) -> Model:
         return module
     model = Model(module, name=name)
     model.structure  # noqa: B018  (read now so unsupported modules fail here, not later)
-    return model
-
-
-def load(spec: str, *, pretrained: bool = True, checkpoint: str | Path | None = None, device: str | None = None) -> Model:
-    """Build a model with its library's own loader.
-
-    Args:
-        spec: ``"timm:NAME"``, ``"open_clip:ARCH[:TAG]"`` or ``"hf:REPO_OR_LOCAL_PATH"``.
-        pretrained: fetch the library's pretrained weights (from the local hub cache when
-            offline). ``False`` builds the architecture with random weights, offline.
-        checkpoint: a local ``.safetensors`` or torch file (loaded with ``weights_only``)
-            whose state dict is loaded strictly into the architecture. Implies no download.
-        device: move the model there (default: stay on CPU).
-
-    Raises:
-        InputError: malformed spec or unknown model name.
-        WeightsUnavailableError: pretrained weights are not in the cache and cannot be fetched.
-        UnsupportedModelError: the architecture cannot be decomposed exactly.
-    """
-    prefix, sep, rest = spec.partition(":")
-    if not sep or prefix not in SPEC_PREFIXES or not rest:
-        raise InputError(
-            f"model spec {spec!r} is not one of 'timm:NAME', 'open_clip:ARCH[:TAG]', 'hf:REPO_OR_PATH'"
-        )
-    if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        if not checkpoint.is_file():
-            raise InputError(f"checkpoint file not found: {checkpoint}")
-    if prefix == "timm":
-        from .adapters.timm_vit import load_timm
-
-        model = load_timm(rest, pretrained=pretrained, checkpoint=checkpoint)
-    elif prefix == "open_clip":
-        from .adapters.open_clip_vit import load_open_clip
-
-        model = load_open_clip(rest, pretrained=pretrained, checkpoint=checkpoint)
-    else:
-        from .adapters.hf_vit import load_hf
-
-        model = load_hf(rest, pretrained=pretrained, checkpoint=checkpoint)
-    model.name = spec
-    model.module.eval()
-    if device is not None:
-        model.to(device)
-    model.structure  # noqa: B018
     return model
 
 
