@@ -5,6 +5,7 @@ CLIPForImageClassification, ViTModel, ViTForImageClassification, Dinov2Model wit
 SwiGLU, Dinov2WithRegistersModel), both eager and SDPA attention, the loader on real
 ``save_pretrained`` directories, checkpoints, preprocessing and the refusals.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,22 +13,22 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-import vitdecomp as vd  # noqa: E402
-from vitdecomp.adapters.hf_vit import HFViTAdapter  # noqa: E402
-from vitdecomp.testing import assert_exact  # noqa: E402
-from vitdecomp.testing.tiny_models import (  # noqa: E402
+import vitdecomp as vd
+from vitdecomp.adapters.hf_vit import HFViTAdapter
+from vitdecomp.testing import assert_exact
+from vitdecomp.testing.tiny_models import (
     perturb,
     tiny_hf_clip,
     tiny_hf_clip_vision,
@@ -36,7 +37,9 @@ from vitdecomp.testing.tiny_models import (  # noqa: E402
     tiny_hf_vit,
 )
 
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
+TINY = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8
+)
 
 
 def _vit_with_pooler(attn_implementation: str | None = None, seed: int = 0, **kwargs: Any) -> nn.Module:
@@ -104,7 +107,9 @@ def _stock_representation(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise AssertionError(name)
 
 
-@pytest.fixture(scope="module", params=[(v, i) for v in sorted(VARIANTS) for i in IMPLS], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module", params=[(v, i) for v in sorted(VARIANTS) for i in IMPLS], ids=lambda p: f"{p[0]}-{p[1]}"
+)
 def variant(request):
     name, impl = request.param
     module = VARIANTS[name](impl)
@@ -202,7 +207,9 @@ def test_heads_sum_to_the_layer_attention_term(sdpa_variant):
     heads = vd.decompose(model, x, granularity="head", dtype=torch.float64).group("attn_mlp")
     layers = vd.decompose(model, x, granularity="layer", dtype=torch.float64)
     for layer in range(model.n_layers):
-        torch.testing.assert_close(heads[f"L{layer:02d}.attn"], layers[f"L{layer:02d}.attn"] + layers[f"L{layer:02d}.bias"])
+        torch.testing.assert_close(
+            heads[f"L{layer:02d}.attn"], layers[f"L{layer:02d}.attn"] + layers[f"L{layer:02d}.bias"]
+        )
         torch.testing.assert_close(heads[f"L{layer:02d}.mlp"], layers[f"L{layer:02d}.mlp"])
 
 
@@ -276,6 +283,7 @@ def _naive_head_terms(module: nn.Module, x: torch.Tensor) -> dict[tuple[int, int
         else:
             pool[0] = 1.0
         terms = {}
+        n_heads = 4  # every tiny model here
         for i, layer in enumerate(layers):
             norm1 = _find(layer, ("layer_norm1", "layernorm_before", "norm1"))
             q_lin = _find(layer, ("self_attn.q_proj", "attention.q_proj", "attention.attention.query"))
@@ -284,10 +292,9 @@ def _naive_head_terms(module: nn.Module, x: torch.Tensor) -> dict[tuple[int, int
             o_lin = _find(layer, ("self_attn.out_proj", "attention.o_proj", "attention.output.dense"))
             u = norm1(hidden[i])
             b = u.shape[0]
-            n_heads = 4
             dh = q_lin.out_features // n_heads
 
-            def split(t: torch.Tensor) -> torch.Tensor:
+            def split(t: torch.Tensor, b: int = b, dh: int = dh) -> torch.Tensor:
                 return t.reshape(b, n, n_heads, dh).permute(0, 2, 1, 3)  # [B, H, N, dh]
 
             q, k = split(q_lin(u)), split(k_lin(u))
@@ -355,9 +362,9 @@ def test_vit_pooler_is_not_the_representation():
 def test_requested_tanh_pooler_is_unsupported():
     module = _vit_with_pooler()
     with pytest.raises(vd.UnsupportedModelError, match="pooler.*non-linear"):
-        vd.Model(module, adapter=HFViTAdapter(representation="pooler_output")).structure
+        _ = vd.Model(module, adapter=HFViTAdapter(representation="pooler_output")).structure
     with pytest.raises(vd.UnsupportedModelError, match="no pooler"):
-        vd.Model(tiny_hf_vit(), adapter=HFViTAdapter(representation="pooler_output")).structure
+        _ = vd.Model(tiny_hf_vit(), adapter=HFViTAdapter(representation="pooler_output")).structure
 
 
 def test_requested_linear_pooler_is_exact():
@@ -443,7 +450,16 @@ def test_unknown_layer_type_is_refused():
 
 
 # ---------------------------------------------------------------------------- loading
-SAVED = ["clip_vision", "clip_vision_proj", "clip_model", "clip_classifier", "vit", "vit_classifier", "dinov2", "dinov2_registers"]
+SAVED = [
+    "clip_vision",
+    "clip_vision_proj",
+    "clip_model",
+    "clip_classifier",
+    "vit",
+    "vit_classifier",
+    "dinov2",
+    "dinov2_registers",
+]
 
 
 @pytest.mark.parametrize("name", SAVED)
@@ -487,9 +503,13 @@ def test_preprocessing_comes_from_the_saved_image_processor(tmp_path):
 
     vit_dir, clip_dir = tmp_path / "vit", tmp_path / "clip"
     VARIANTS["vit"]("sdpa").save_pretrained(vit_dir)
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3], image_std=[0.3, 0.2, 0.1]).save_pretrained(vit_dir)
+    transformers.ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3], image_std=[0.3, 0.2, 0.1]
+    ).save_pretrained(vit_dir)
     VARIANTS["clip_vision_proj"]("sdpa").save_pretrained(clip_dir)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        clip_dir
+    )
 
     vit = vd.load(f"hf:{vit_dir}", pretrained=False)
     prep = vit.preprocessing
@@ -499,7 +519,9 @@ def test_preprocessing_comes_from_the_saved_image_processor(tmp_path):
 
     clip = vd.load(f"hf:{clip_dir}", pretrained=False)
     prep = clip.preprocessing
-    assert prep.resize_mode == "shortest_crop" and prep.crop_pct == pytest.approx(0.8) and prep.interpolation == "bicubic"
+    assert (
+        prep.resize_mode == "shortest_crop" and prep.crop_pct == pytest.approx(0.8) and prep.interpolation == "bicubic"
+    )
     assert prep.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
 
     image = Image.fromarray((torch.rand(50, 70, 3) * 255).to(torch.uint8).numpy())
@@ -563,7 +585,9 @@ def test_bad_local_paths_are_input_errors(tmp_path):
 
 
 def test_unsupported_model_type_from_a_directory(tmp_path):
-    transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2]).save_pretrained(tmp_path)
+    transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2]).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(vd.UnsupportedModelError, match="model_type 'swin'"):
         vd.load(f"hf:{tmp_path}", pretrained=False)
 

@@ -43,6 +43,7 @@ left as the stock forward has it (DINOv2 always interpolates; CLIP/ViT need the 
 
 ``transformers`` is imported only inside functions, so ``import vitdecomp`` stays light.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -99,7 +100,9 @@ _REFUSED: dict[str, str] = {
         "pooled vector; wrap `model.dinov2_with_registers` instead"
     ),
     "Dinov2Backbone": "a backbone returns feature maps of several stages, not one representation; wrap a Dinov2Model",
-    "Dinov2WithRegistersBackbone": "a backbone returns feature maps, not one representation; wrap a Dinov2WithRegistersModel",
+    "Dinov2WithRegistersBackbone": (
+        "a backbone returns feature maps, not one representation; wrap a Dinov2WithRegistersModel"
+    ),
     "ViTForMaskedImageModeling": "the output is a reconstructed image, not a representation; wrap `model.vit`",
     "CLIPTextModel": "a text tower; vitdecomp decomposes image towers (use CLIPModel or CLIPVisionModel)",
     "CLIPTextModelWithProjection": "a text tower; vitdecomp decomposes image towers",
@@ -121,8 +124,19 @@ _MLP_OUT = ("mlp.fc2", "mlp.down_proj", "mlp.weights_out", "output.dense")
 # Children of an encoder layer that may hold parameters: norms, attention, MLP, layer scales.
 _LAYER_CHILDREN = frozenset(
     {
-        "layer_norm1", "layer_norm2", "layernorm_before", "layernorm_after", "norm1", "norm2",
-        "self_attn", "attention", "mlp", "intermediate", "output", "layer_scale1", "layer_scale2",
+        "layer_norm1",
+        "layer_norm2",
+        "layernorm_before",
+        "layernorm_after",
+        "norm1",
+        "norm2",
+        "self_attn",
+        "attention",
+        "mlp",
+        "intermediate",
+        "output",
+        "layer_scale1",
+        "layer_scale2",
     }
 )
 
@@ -267,7 +281,7 @@ class HFViTAdapter:
         attn_mod = _submodule(layer, attn_path)
         self_attn = _submodule(layer, paths[0].rsplit(".", 1)[0])  # the module owning q/k/v
         assert attn_mod is not None and self_attn is not None
-        expected = {f"{p[len(attn_path) + 1:]}.{w}" for p in paths for w in ("weight", "bias")}
+        expected = {f"{p[len(attn_path) + 1 :]}.{w}" for p in paths for w in ("weight", "bias")}
         for pname, _ in attn_mod.named_parameters():
             if pname not in expected:
                 raise UnsupportedModelError(
@@ -516,19 +530,23 @@ class HFViTAdapter:
         tower = self._tower(module)
         size = _pair(tower.config.image_size)
         if tower.family == "clip":
-            return Preprocessing(size, CLIP_MEAN, CLIP_STD, "bicubic", 1.0, "shortest_crop", "transformers CLIPImageProcessor defaults")
+            return Preprocessing(
+                size, CLIP_MEAN, CLIP_STD, "bicubic", 1.0, "shortest_crop", "transformers CLIPImageProcessor defaults"
+            )
         if tower.family == "vit":
             return Preprocessing(size, HALF, HALF, "bilinear", 1.0, "squash", "transformers ViTImageProcessor defaults")
-        return Preprocessing(size, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 224 / 256, "shortest_crop", "facebook/dinov2 processor config")
+        return Preprocessing(
+            size, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 224 / 256, "shortest_crop", "facebook/dinov2 processor config"
+        )
 
     def classifier(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         from torch import nn
 
         name = _known_name(module, _SUPPORTED.keys())
         head = getattr(module, "classifier", None)
-        if name in ("ViTForImageClassification", "CLIPForImageClassification") and isinstance(head, nn.Linear):
-            if self.representation == "default":
-                return head.weight, head.bias
+        is_classifier = name in ("ViTForImageClassification", "CLIPForImageClassification")
+        if is_classifier and isinstance(head, nn.Linear) and self.representation == "default":
+            return head.weight, head.bias
         return None
 
 
@@ -577,7 +595,9 @@ def preprocessing_from_processor(processor: Any, fallback: Preprocessing) -> Pre
         log.warning("image processor rescale_factor=%s is not 1/255; the vitdecomp transform uses 1/255", factor)
     resample = getattr(processor, "resample", None)
     code = getattr(resample, "value", resample)
-    interpolation = _RESAMPLE.get(int(code), fallback.interpolation) if isinstance(code, int) else fallback.interpolation
+    interpolation = (
+        _RESAMPLE.get(int(code), fallback.interpolation) if isinstance(code, int) else fallback.interpolation
+    )
     size = getattr(processor, "size", None)
     crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
     shortest = _size_field(size, "shortest_edge")
@@ -593,7 +613,9 @@ def preprocessing_from_processor(processor: Any, fallback: Preprocessing) -> Pre
         input_size, crop_pct, mode = (height, width), 1.0, "squash"
     elif shortest:
         input_size, crop_pct, mode = (shortest, shortest), 1.0, "shortest_crop"
-        log.warning("image processor resizes the shortest side to %d without a crop; vitdecomp centre-crops a square", shortest)
+        log.warning(
+            "image processor resizes the shortest side to %d without a crop; vitdecomp centre-crops a square", shortest
+        )
     return Preprocessing(
         input_size=input_size,
         mean=mean,  # type: ignore[arg-type]
@@ -652,7 +674,9 @@ def _weights_digest(directory: Path) -> str:
     from ..model import file_sha256
 
     digest = hashlib.sha256()
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
+    files = sorted(
+        p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file()
+    )
     for path in files:
         digest.update(path.name.encode())
         digest.update(file_sha256(path).encode())
@@ -667,7 +691,7 @@ def _image_processor(source: str, local: Path | None) -> Any:
         from transformers import AutoImageProcessor
 
         return AutoImageProcessor.from_pretrained(source)
-    except Exception as exc:  # offline without it in the cache, or no processor: family defaults
+    except Exception as exc:  # noqa: BLE001  (offline and not cached, or no processor: family defaults)
         log.debug("no image processor for %s (%s: %s); using family defaults", source, type(exc).__name__, exc)
         return None
 
@@ -696,9 +720,9 @@ def load_hf(rest: str, *, pretrained: bool, checkpoint: Path | None = None) -> M
         WeightsUnavailableError: the config or weights are not local and cannot be fetched.
         UnsupportedModelError: a model type this adapter does not read.
     """
-    from ..model import Model, WeightsUnavailableError, load_checkpoint, weights_unavailable
-
     import transformers
+
+    from ..model import Model, WeightsUnavailableError, load_checkpoint, weights_unavailable
 
     spec = f"hf:{rest}"
     local = _local_dir(rest)

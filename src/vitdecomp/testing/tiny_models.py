@@ -110,7 +110,9 @@ def tiny_hf_dinov2(seed: int = 0, **kwargs: Any) -> nn.Module:
     return perturb(Dinov2Model(Dinov2Config(**_hf_vision_kwargs(**kwargs))), seed)
 
 
-def tiny_hf_clip(seed: int = 0, classifier: bool = False, attn_implementation: str | None = None, **kwargs: Any) -> nn.Module:
+def tiny_hf_clip(
+    seed: int = 0, classifier: bool = False, attn_implementation: str | None = None, **kwargs: Any
+) -> nn.Module:
     """transformers ``CLIPModel`` (image + text towers, projection dim 32) at random init.
 
     With ``classifier=True``, a ``CLIPForImageClassification`` (10 labels) on the same
