@@ -47,6 +47,9 @@ MODELS: dict[str, tuple[str, str, str]] = {
     "vit_l14": ("timm", "vit_large_patch14_clip_224", "ViT-L/14 (timm vit_large_patch14_clip_224)"),
     "openclip_b16": ("open_clip", "ViT-B-16", "ViT-B/16 (open_clip ViT-B-16 visual)"),
     "vit_tiny": ("timm", "vit_tiny_patch16_224", "ViT-Ti/16 (timm vit_tiny_patch16_224)"),
+    "swin_b": ("timm", "swin_base_patch4_window7_224", "Swin-B (timm swin_base_patch4_window7_224)"),
+    "maxvit_s": ("timm", "maxvit_small_tf_224", "MaxViT-S (timm maxvit_small_tf_224)"),
+    "siglip_b16": ("timm", "vit_base_patch16_siglip_224", "SigLIP-B/16 (timm vit_base_patch16_siglip_224, MAP head)"),
 }
 
 # key: (decompose kwargs or None for the plain forward, description)
@@ -57,6 +60,11 @@ CONFIGS: dict[str, tuple[dict[str, Any] | None, str]] = {
     "head_token_dirs": (
         {"granularity": "head_token", "directions": "K"},
         "decompose granularity='head_token', directions=K random unit vectors",
+    ),
+    "head_token_dirs_stream": (
+        {"granularity": "head_token", "directions": "K", "stream": True},
+        "vd.iter_decompose granularity='head_token', directions=K, each block's part reduced to a "
+        "[batch, token, K] heatmap as it arrives (the whole result is never held)",
     ),
     "head_token_last4": (
         {"granularity": "head_token", "start_layer": -4},
@@ -200,12 +208,41 @@ def _setup(spec: dict[str, Any], configs: list[str]) -> tuple[dict[str, Any], An
             kwargs = dict(kwargs_spec, check=spec["check"])
             if kwargs.get("directions") == "K":
                 kwargs["directions"] = dirs
+            if kwargs.pop("stream", False):
 
-            def call(inp: Any, kwargs: dict[str, Any] = kwargs) -> Any:
-                return vd.decompose(wrapped, inp, **kwargs)
+                def call(inp: Any, kwargs: dict[str, Any] = kwargs) -> Any:
+                    return _streamed_heatmap(vd.iter_decompose(wrapped, inp, **kwargs))
+
+            else:
+
+                def call(inp: Any, kwargs: dict[str, Any] = kwargs) -> Any:
+                    return vd.decompose(wrapped, inp, **kwargs)
 
         calls[config] = call
     return facts, x, calls
+
+
+class _Heatmap:
+    """What a streaming consumer keeps: the per-token sum over components ``[1, batch, token, K]``."""
+
+    def __init__(self, values: Any, reference: Any) -> None:
+        self.values, self.reference = values, reference
+
+    def error(self) -> float:
+        total = self.values[0].double().sum(1)
+        ref = self.reference.double()
+        return float(((total - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
+
+
+def _streamed_heatmap(parts: Any) -> _Heatmap:
+    heat = None
+    reference = None
+    for part in parts:
+        s = part.values.sum(0)
+        heat = s if heat is None else heat.add_(s)
+        reference = part.reference
+        del part, s
+    return _Heatmap(heat[None], reference)
 
 
 def _sync(device: str) -> None:

@@ -19,7 +19,10 @@ _EXPORTS = {
     "wrap": "vitdecomp.model",
     "Model": "vitdecomp.model",
     "WeightsUnavailableError": "vitdecomp.model",
-    "decompose": "vitdecomp.decompose",
+    "decompose": "vitdecomp.decomposition",
+    "decompose_dataset": "vitdecomp.dataset_run",
+    "DatasetRun": "vitdecomp.dataset_run",
+    "iter_decompose": "vitdecomp.decomposition",
     "ComponentStack": "vitdecomp.stack",
     "TokenInfo": "vitdecomp.stack",
     "ComponentLabel": "vitdecomp.labels",
@@ -36,7 +39,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
     from .adapters.base import register_adapter, registered_adapters
-    from .decompose import decompose
+    from .dataset_run import DatasetRun, decompose_dataset
+    from .decomposition import decompose, iter_decompose
     from .errors import DecompositionError, InputError, UnsupportedModelError, VitDecompError
     from .labels import ComponentLabel, parse_label
     from .loading import load
@@ -44,7 +48,12 @@ if TYPE_CHECKING:
     from .stack import ComponentStack, TokenInfo
 
 
+_SUBMODULES = ("data", "store", "testing")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # vd.data, vd.store: imported on first use
+        return import_module(f"vitdecomp.{name}")
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -15,7 +15,14 @@ __all__ = ["load", "SPEC_PREFIXES"]
 SPEC_PREFIXES = ("timm", "open_clip", "hf")
 
 
-def load(spec: str, *, pretrained: bool = True, checkpoint: str | Path | None = None, device: str | None = None) -> Model:
+def load(
+    spec: str,
+    *,
+    pretrained: bool = True,
+    checkpoint: str | Path | None = None,
+    device: str | None = None,
+    seed: int = 0,
+) -> Model:
     """Build a model with its library's own loader.
 
     Args:
@@ -25,6 +32,9 @@ def load(spec: str, *, pretrained: bool = True, checkpoint: str | Path | None = 
         checkpoint: a local ``.safetensors`` or torch file (loaded with ``weights_only``)
             whose state dict is loaded strictly into the architecture. Implies no download.
         device: move the model there (default: stay on CPU).
+        seed: random weights (``pretrained=False`` without a checkpoint) are drawn from this
+            seed, without touching the caller's random state, so every process (a resumed
+            run, each torchrun rank) builds the same model.
 
     Raises:
         InputError: malformed spec or unknown model name.
@@ -40,18 +50,22 @@ def load(spec: str, *, pretrained: bool = True, checkpoint: str | Path | None = 
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise InputError(f"checkpoint file not found: {checkpoint}")
-    if prefix == "timm":
-        from .adapters.timm_vit import load_timm
+    import torch
 
-        model = load_timm(rest, pretrained=pretrained, checkpoint=checkpoint)
-    elif prefix == "open_clip":
-        from .adapters.open_clip_vit import load_open_clip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if prefix == "timm":
+            from .adapters.timm_vit import load_timm
 
-        model = load_open_clip(rest, pretrained=pretrained, checkpoint=checkpoint)
-    else:
-        from .adapters.hf_vit import load_hf
+            model = load_timm(rest, pretrained=pretrained, checkpoint=checkpoint)
+        elif prefix == "open_clip":
+            from .adapters.open_clip_vit import load_open_clip
 
-        model = load_hf(rest, pretrained=pretrained, checkpoint=checkpoint)
+            model = load_open_clip(rest, pretrained=pretrained, checkpoint=checkpoint)
+        else:
+            from .adapters.hf_vit import load_hf
+
+            model = load_hf(rest, pretrained=pretrained, checkpoint=checkpoint)
     model.name = spec
     model.module.eval()
     if device is not None:

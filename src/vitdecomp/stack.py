@@ -169,7 +169,8 @@ class ComponentStack:
         import torch
 
         total = torch.zeros(self.reference.shape, dtype=torch.float64, device=self.values.device)
-        for chunk in self.values.split(16):  # bounded memory: no full float64 copy
+        row = max(1, self.values[0].numel()) if len(self.values) else 1
+        for chunk in self.values.split(max(1, 2**22 // row)):  # bounded memory: <= 32 MiB of float64 at a time
             part = chunk.to(torch.float64).sum(dim=0)
             total += part.sum(dim=1) if self.has_tokens else part
         return total

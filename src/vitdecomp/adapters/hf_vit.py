@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` ViTs: CLIP vision towers, ViT, DINOv2 (+/- registers).
+"""Hugging Face ``transformers`` ViTs: CLIP and SigLIP vision towers, ViT, DINOv2 (+/- registers).
 
 Supported classes and the representation each one is decomposed into (``d``: width,
 ``d_z``: output width; always computed by the stock module's own forward):
@@ -16,7 +16,24 @@ class                                 representation ``[batch, d_z]``
                                       logits = ``stack.project(W).total() + b``
 ``Dinov2Model``                       ``pooler_output`` = ``layernorm(x_L)[:, 0]``
 ``Dinov2WithRegistersModel``          ``pooler_output``; tokens are CLS, registers, patches
+``SiglipVisionModel``                 ``pooler_output`` = ``head(post_layernorm(x_L))``, the
+                                      attention-pooling (MAP) head; no CLS token
+``SiglipModel`` (image tower)         ``get_image_features(pixel_values).pooler_output`` (same
+                                      as above); the whole model is kept in ``Model.extras["clip"]``
+``SiglipForImageClassification``      the classifier's input, ``mean(post_layernorm(x_L))``
 ====================================  =====================================================
+
+SigLIP's ``SiglipMultiheadAttentionPoolingHead`` computes ``a = MHA(probe, y, y)`` (one learned
+query, ``torch.nn.MultiheadAttention``) and ``z = a + mlp(layernorm(a))``. It is read as an
+:class:`~vitdecomp.readout.AttentionPool` (METHOD §2.4): ``post_layernorm`` is the per-token
+norm, every pool head is one *route* ``W_V^r W_O^r`` with its frozen pattern
+``softmax(q_probe^r k^r(y)^T / sqrt(d_h))``, and ``mlp(layernorm(a))`` is one non-linear leaf,
+``pool_mlp``. With ``vision_use_head=False`` transformers' ``pooler_output`` is None; the
+representation is then the mean of ``last_hidden_state`` (the post-layernormed tokens), as
+``SiglipForImageClassification`` and big_vision's ``pool_type='gap'`` pool them, and
+``representation="pooler_output"`` raises UnsupportedModelError. SigLIP 2
+(``Siglip2*``, NaFlex) is refused: its inputs are patch sequences with per-image
+``spatial_shapes`` and a padding mask, not a pixel batch.
 
 ``ViTModel.pooler`` (``dense`` then ``tanh``) is non-linear, so by default it is **not**
 part of the representation: ``ViTModel`` is decomposed at ``last_hidden_state[:, 0]``.
@@ -34,8 +51,9 @@ Module paths read (checked, since they changed between transformers 4.x and 5.x)
   ``ViTOutput`` adds the residual itself), ``layer_scale2`` output (DINOv2);
 * neurons: input of ``mlp.fc2`` / ``mlp.down_proj`` / ``mlp.weights_out`` (SwiGLU) /
   ``output.dense``, with the LayerScale ``layer_scale2.lambda1`` folded into ``W_out``;
-* readout: ``post_layernorm`` (CLIP, after pooling), ``layernorm`` (ViT, DINOv2, before
-  pooling), ``visual_projection`` (no bias in CLIP; a bias would be read).
+* readout: ``post_layernorm`` (CLIP, after pooling; SigLIP, before pooling), ``layernorm``
+  (ViT, DINOv2, before pooling), ``visual_projection`` (no bias in CLIP; a bias would be read);
+  SigLIP's ``head.{probe, attention.{in_proj_weight, in_proj_bias, out_proj}, layernorm, mlp}``.
 
 Eager, SDPA and the other attention implementations all work: the engine recomputes the
 pattern rows from the captured ``q``/``k`` projections. ``interpolate_pos_encoding`` is
@@ -54,7 +72,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InputError, UnsupportedModelError
-from ..readout import FrozenNorm, ViTReadout
+from ..readout import AttentionPool, FrozenNorm, ViTReadout
 from .base import AttentionMap, BlockMap, CapturePoint, Preprocessing, ViTMap, register_adapter
 
 if TYPE_CHECKING:
@@ -86,7 +104,19 @@ _SUPPORTED: dict[str, str] = {
     "ViTForImageClassification": "vit",
     "Dinov2Model": "dinov2",
     "Dinov2WithRegistersModel": "dinov2",
+    "SiglipVisionModel": "siglip",
+    "SiglipModel": "siglip",
+    "SiglipForImageClassification": "siglip",
+    "SiglipVisionTransformer": "siglip",  # transformers 4.x: the tower inside SiglipVisionModel
 }
+
+_SIGLIP2 = (
+    "SigLIP 2 (NaFlex) takes patchified pixel sequences with per-image `spatial_shapes` and a "
+    "`pixel_attention_mask` (variable resolution, position embeddings resized per image, masked "
+    "attention and masked pooling), not a [batch, 3, H, W] pixel batch; vitdecomp's engine reads "
+    "fixed-grid towers only. Use a SigLIP (v1) checkpoint, or the timm/open_clip build of a "
+    "fixed-resolution SigLIP 2 tower"
+)
 
 # Classes recognised but refused, with the reason and what to do instead.
 _REFUSED: dict[str, str] = {
@@ -106,10 +136,16 @@ _REFUSED: dict[str, str] = {
     "ViTForMaskedImageModeling": "the output is a reconstructed image, not a representation; wrap `model.vit`",
     "CLIPTextModel": "a text tower; vitdecomp decomposes image towers (use CLIPModel or CLIPVisionModel)",
     "CLIPTextModelWithProjection": "a text tower; vitdecomp decomposes image towers",
+    "SiglipTextModel": "a text tower; vitdecomp decomposes image towers (use SiglipModel or SiglipVisionModel)",
+    "Siglip2VisionModel": _SIGLIP2,
+    "Siglip2Model": _SIGLIP2,
+    "Siglip2ForImageClassification": _SIGLIP2,
+    "Siglip2VisionTransformer": _SIGLIP2,
+    "Siglip2TextModel": "a text tower; vitdecomp decomposes image towers",
 }
 
 # Encoder-layer classes whose forward is the pre-norm block x + [ls1*]attn(norm1 x), + [ls2*]mlp(norm2 .).
-_LAYER_CLASSES = ("CLIPEncoderLayer", "ViTLayer", "Dinov2Layer", "Dinov2WithRegistersLayer")
+_LAYER_CLASSES = ("CLIPEncoderLayer", "SiglipEncoderLayer", "ViTLayer", "Dinov2Layer", "Dinov2WithRegistersLayer")
 
 # (q, k, v, out) projection paths inside an encoder layer, newest layout first.
 _ATTN_LAYOUTS: tuple[tuple[str, str, str, str], ...] = (
@@ -178,25 +214,27 @@ class _Tower:
     """Where the parts of one supported model live."""
 
     name: str  # the matched transformers class
-    family: str  # "clip" | "vit" | "dinov2"
+    family: str  # "clip" | "siglip" | "vit" | "dinov2"
     core: nn.Module  # module owning `embeddings` and the layers
     core_path: str  # its path in the wrapped module ("" for the module itself)
     config: Any  # the vision config
 
 
 class HFViTAdapter:
-    """Reads transformers CLIP vision towers, ViT and DINOv2 (+registers); see the module docstring.
+    """Reads transformers CLIP and SigLIP vision towers, ViT and DINOv2 (+registers); see the module docstring.
 
     Args:
         representation: ``"default"`` (the table in the module docstring) or
             ``"pooler_output"``: the base model's stock ``pooler_output`` (before any
             projection or classifier). For ``ViTModel`` that means ``tanh(dense(.))``,
-            which cannot be split exactly and raises UnsupportedModelError.
+            which cannot be split exactly and raises UnsupportedModelError; a SigLIP tower
+            built with ``vision_use_head=False`` has none and raises too.
     """
 
     family = "hf-vit"
     description = (
         "transformers CLIPVisionModel(+WithProjection), CLIPModel image tower, CLIPForImageClassification, "
+        "SiglipVisionModel, SiglipModel image tower, SiglipForImageClassification (MAP attention pooling), "
         "ViTModel, ViTForImageClassification, Dinov2Model, Dinov2WithRegistersModel"
     )
 
@@ -219,8 +257,8 @@ class HFViTAdapter:
         m: Any = module
         core: Any = m
         path = ""
-        if family == "clip":
-            # 5.x: CLIPVisionModel owns `encoder`; 4.x: it wraps a CLIPVisionTransformer `vision_model`.
+        if family in ("clip", "siglip"):
+            # 5.x: CLIP/SiglipVisionModel owns `encoder`; 4.x: it wraps a *VisionTransformer `vision_model`.
             while getattr(core, "encoder", None) is None and getattr(core, "vision_model", None) is not None:
                 core = core.vision_model
                 path = f"{path}.vision_model".lstrip(".")
@@ -413,7 +451,7 @@ class HFViTAdapter:
         def run(target: Any, x: torch.Tensor) -> Any:
             """``target(pixel_values=x)``; HF's ValueError for a wrong size/channel count -> InputError."""
             try:
-                if target is m and tower.name == "CLIPModel":
+                if target is m and tower.name in ("CLIPModel", "SiglipModel"):
                     return m.get_image_features(pixel_values=x)
                 return target(pixel_values=x, return_dict=True)
             except ValueError as exc:
@@ -432,6 +470,9 @@ class HFViTAdapter:
             if len(got) != 1:
                 raise UnsupportedModelError(f"{tower.name}.classifier was called {len(got)} times in one forward")
             return got[0]
+
+        if tower.family == "siglip":
+            return self._siglip_readout(m, tower, run, classifier_input)
 
         if tower.family == "clip":
             post = FrozenNorm.from_module(core.post_layernorm, f"{cp}post_layernorm")
@@ -468,6 +509,48 @@ class HFViTAdapter:
         return ViTReadout(token_norm=norm, pool="cls", pooled_norm=None), lambda x: _output_field(
             run(core, x), "pooler_output"
         )
+
+    def _siglip_readout(
+        self,
+        module: nn.Module,
+        tower: _Tower,
+        run: Callable[[Any, torch.Tensor], Any],
+        classifier_input: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[ViTReadout, Callable[[torch.Tensor], torch.Tensor]]:
+        """SigLIP: ``post_layernorm`` on every token, then the MAP head (or the token mean)."""
+        m: Any = module
+        core: Any = tower.core
+        cp = f"{tower.core_path}." if tower.core_path else ""
+        if getattr(core, "post_layernorm", None) is None:
+            raise UnsupportedModelError(f"{tower.name}: no `post_layernorm` at {cp or 'the top level'}")
+        post = FrozenNorm.from_module(core.post_layernorm, f"{cp}post_layernorm")
+        head = getattr(core, "head", None)
+        use_head = bool(getattr(core, "use_head", getattr(tower.config, "vision_use_head", True)))
+        if use_head and head is None:
+            raise UnsupportedModelError(
+                f"{tower.name}: use_head is set but there is no `head` at {cp or 'the top level'}"
+            )
+        mean = ViTReadout(token_norm=post, pool="avg", pooled_norm=None, pool_start=0)
+        if self.representation == "default" and tower.name == "SiglipForImageClassification":
+            # logits = classifier(mean(last_hidden_state)), the head (if built) is not used
+            return mean, classifier_input
+        if not use_head:
+            if self.representation == "pooler_output":
+                raise UnsupportedModelError(
+                    f"{tower.name}: built with vision_use_head=False, so transformers' pooler_output is None; "
+                    "the default representation (the mean of the post-layernormed tokens) can be split"
+                )
+            log.info("%s has no attention-pooling head; decomposing mean(last_hidden_state)", tower.name)
+            return mean, lambda x: _output_field(run(core, x), "last_hidden_state").mean(dim=1)
+        readout = ViTReadout(
+            token_norm=post,
+            pool="attention",
+            pooled_norm=None,
+            pool_start=0,
+            attn_pool=_siglip_attention_pool(head, f"{cp}head"),
+        )
+        target = m if tower.name == "SiglipModel" and self.representation == "default" else core
+        return readout, lambda x: _output_field(run(target, x), "pooler_output")
 
     @staticmethod
     def _vit_pooler(
@@ -507,13 +590,16 @@ class HFViTAdapter:
             declared = getattr(tower.config, "num_register_tokens", n_reg)
             if declared != n_reg:
                 raise UnsupportedModelError(f"{tower.name}: {n_reg} register tokens but config says {declared}")
-        n_prefix = 1 + n_reg
+        has_cls = tower.family != "siglip"  # SigLIP has patch tokens only
+        if not has_cls and (getattr(tower.core.embeddings, "class_embedding", None) is not None or n_reg):
+            raise UnsupportedModelError(f"{tower.name}: a SigLIP tower with a class or register token is not supported")
+        n_prefix = int(has_cls) + n_reg
         readout, forward = self._readout_and_forward(module, tower, n_prefix)
         return ViTMap(
             blocks=blocks,
             readout=readout,
             n_prefix=n_prefix,
-            prefix_types=("cls",) + ("reg",) * n_reg,
+            prefix_types=("cls",) * int(has_cls) + ("reg",) * n_reg,
             patch_size=_pair(tower.config.patch_size),
             forward=forward,
         )
@@ -525,6 +611,7 @@ class HFViTAdapter:
         ViT: mean = std = 0.5, bilinear squash to the square size (``ViTImageProcessor``).
         DINOv2: ImageNet mean/std, bicubic resize to 256/224 of the size + centre crop (the
         ``facebook/dinov2-*`` processor configs; ``BitImageProcessor``'s own defaults are CLIP's).
+        SigLIP: mean = std = 0.5, bicubic squash to the square size, no crop (``SiglipImageProcessor``).
         ``load("hf:...")`` uses the repository's ``preprocessor_config.json`` instead when it has one.
         """
         tower = self._tower(module)
@@ -535,6 +622,10 @@ class HFViTAdapter:
             )
         if tower.family == "vit":
             return Preprocessing(size, HALF, HALF, "bilinear", 1.0, "squash", "transformers ViTImageProcessor defaults")
+        if tower.family == "siglip":
+            return Preprocessing(
+                size, HALF, HALF, "bicubic", 1.0, "squash", "transformers SiglipImageProcessor defaults"
+            )
         return Preprocessing(
             size, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 224 / 256, "shortest_crop", "facebook/dinov2 processor config"
         )
@@ -544,10 +635,104 @@ class HFViTAdapter:
 
         name = _known_name(module, _SUPPORTED.keys())
         head = getattr(module, "classifier", None)
-        is_classifier = name in ("ViTForImageClassification", "CLIPForImageClassification")
+        is_classifier = name in (
+            "ViTForImageClassification",
+            "CLIPForImageClassification",
+            "SiglipForImageClassification",
+        )
         if is_classifier and isinstance(head, nn.Linear) and self.representation == "default":
             return head.weight, head.bias
         return None
+
+
+_POOL_HEAD_PARAMS = frozenset(
+    {
+        "probe",
+        "attention.in_proj_weight",
+        "attention.in_proj_bias",
+        "attention.out_proj.weight",
+        "attention.out_proj.bias",
+    }
+)
+
+
+def _siglip_attention_pool(head: Any, name: str) -> AttentionPool:
+    """SigLIP's ``SiglipMultiheadAttentionPoolingHead`` read as an :class:`AttentionPool`.
+
+    ``a = MHA(probe, y, y)`` with ``torch.nn.MultiheadAttention`` (packed ``in_proj``,
+    ``batch_first``), then ``z = a + mlp(layernorm(a))``: pool head ``r`` is the route
+    ``W_V^r W_O^r``, the value and output biases form ``b_vo`` (each pool pattern sums to 1),
+    and ``mlp(layernorm(a))`` is captured whole as the ``pool_mlp`` leaf.
+    """
+    import torch
+    from torch import nn
+
+    if _known_name(head, ("SiglipMultiheadAttentionPoolingHead",)) is None:
+        raise UnsupportedModelError(
+            f"{name}: pooling head {type(head).__name__} is not a SiglipMultiheadAttentionPoolingHead"
+        )
+    probe = getattr(head, "probe", None)
+    mha = getattr(head, "attention", None)
+    mlp = getattr(head, "mlp", None)
+    if not isinstance(probe, torch.Tensor) or not isinstance(mha, nn.MultiheadAttention) or mlp is None:
+        raise UnsupportedModelError(f"{name}: expected `probe`, an nn.MultiheadAttention `attention` and an `mlp`")
+    if not isinstance(getattr(head, "layernorm", None), nn.LayerNorm):
+        kind = type(getattr(head, "layernorm", None)).__name__
+        raise UnsupportedModelError(f"{name}.layernorm: {kind} is not a LayerNorm")
+    d = int(mha.embed_dim)
+    if probe.shape != (1, 1, d):
+        raise UnsupportedModelError(
+            f"{name}.probe: shape {tuple(probe.shape)}; only a single probe query [1, 1, {d}] is supported"
+        )
+    if not mha.batch_first:
+        raise UnsupportedModelError(f"{name}.attention: batch_first=False (the head passes [batch, tokens, d])")
+    if not getattr(mha, "_qkv_same_embed_dim", False) or mha.in_proj_weight is None:
+        raise UnsupportedModelError(
+            f"{name}.attention: kdim={mha.kdim} / vdim={mha.vdim} differ from embed_dim={d} "
+            "(separate q/k/v projection weights are not read)"
+        )
+    if mha.bias_k is not None or mha.bias_v is not None:
+        raise UnsupportedModelError(f"{name}.attention: add_bias_kv=True appends a learned key/value token")
+    if mha.add_zero_attn:
+        raise UnsupportedModelError(f"{name}.attention: add_zero_attn=True appends a zero key/value token")
+    if head.training and float(mha.dropout) > 0:
+        raise UnsupportedModelError(f"{name}.attention: attention dropout is active in training mode")
+    for pname, _ in head.named_parameters():
+        if pname not in _POOL_HEAD_PARAMS and not pname.startswith(("layernorm.", "mlp.")):
+            raise UnsupportedModelError(f"{name}.{pname}: unexpected parameter in the attention-pooling head")
+    out_proj = mha.out_proj
+    if not isinstance(out_proj, nn.Linear) or out_proj.in_features != d:
+        raise UnsupportedModelError(f"{name}.attention.out_proj: not a Linear from {d} features")
+    n_heads, d_head = int(mha.num_heads), int(mha.head_dim)
+    if n_heads * d_head != d:
+        raise UnsupportedModelError(f"{name}.attention: {n_heads} heads of {d_head} do not make {d}")
+    w_in, b_in = mha.in_proj_weight, mha.in_proj_bias  # [3d, d], [3d]
+    w_q, w_k, w_v = w_in[:d], w_in[d : 2 * d], w_in[2 * d :]
+    b_q, b_k, b_v = (b_in[:d], b_in[d : 2 * d], b_in[2 * d :]) if b_in is not None else (None, None, None)
+    w_v_heads = w_v.reshape(n_heads, d_head, d).transpose(1, 2)  # [R, d, dh]
+    w_o = out_proj.weight.T.reshape(n_heads, d_head, -1)  # [R, dh, d_out]
+    b_vo = out_proj.bias
+    if b_v is not None:
+        vb = torch.einsum("rd,rde->e", b_v.reshape(n_heads, d_head), w_o)
+        b_vo = vb if b_vo is None else b_vo + vb
+    scale = d_head**-0.5  # torch's multi_head_attention_forward: q * sqrt(1 / head_dim)
+
+    def pattern(y: torch.Tensor) -> torch.Tensor:
+        b, n, _ = y.shape
+        bq = None if b_q is None else b_q.to(y.dtype)
+        q = nn.functional.linear(probe.reshape(1, d).to(y.dtype), w_q.to(y.dtype), bq)
+        k = nn.functional.linear(y, w_k.to(y.dtype), None if b_k is None else b_k.to(y.dtype))
+        q = q.reshape(1, n_heads, 1, d_head)  # [1, R, 1, dh]
+        k = k.reshape(b, n, n_heads, d_head).transpose(1, 2)  # [B, R, N, dh]
+        return torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)[:, :, 0]  # [B, R, N]
+
+    return AttentionPool(
+        w_vo=w_v_heads @ w_o,
+        b_vo=b_vo,
+        pattern=pattern,
+        mlp_write=CapturePoint(mlp, "output", "pool_mlp"),
+        pooled=CapturePoint(head, "output", "pooled"),
+    )
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -656,10 +841,16 @@ def _model_class(config: Any, spec: str) -> Any:
         name = "Dinov2Model"
     elif model_type == "dinov2_with_registers":
         name = "Dinov2WithRegistersModel"
+    elif model_type == "siglip":
+        name = "SiglipForImageClassification" if "SiglipForImageClassification" in archs else "SiglipModel"
+    elif model_type == "siglip_vision_model":
+        name = "SiglipVisionModel"
+    elif model_type in ("siglip2", "siglip2_vision_model"):
+        raise UnsupportedModelError(f"{spec}: model_type {model_type!r}: {_SIGLIP2}")
     else:
         raise UnsupportedModelError(
             f"{spec}: transformers model_type {model_type!r} (architectures {archs}) is not supported; "
-            "supported: clip, clip_vision_model, vit, dinov2, dinov2_with_registers"
+            "supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers"
         )
     if archs and name not in archs:
         log.info("%s: architectures %s; loading %s (the decomposable part)", spec, archs, name)
@@ -703,7 +894,9 @@ def load_hf(rest: str, *, pretrained: bool, checkpoint: Path | None = None) -> M
     ``CLIPModel`` (or ``CLIPForImageClassification``), ``clip_vision_model`` ->
     ``CLIPVisionModelWithProjection`` when the config names it, else ``CLIPVisionModel``;
     ``vit`` -> ``ViTForImageClassification`` when named, else ``ViTModel``; ``dinov2`` ->
-    ``Dinov2Model``; ``dinov2_with_registers`` -> ``Dinov2WithRegistersModel``.
+    ``Dinov2Model``; ``dinov2_with_registers`` -> ``Dinov2WithRegistersModel``; ``siglip`` ->
+    ``SiglipForImageClassification`` when named, else ``SiglipModel``; ``siglip_vision_model``
+    -> ``SiglipVisionModel`` (``siglip2*`` raise UnsupportedModelError).
 
     Args:
         rest: hub repository id (``"openai/clip-vit-base-patch16"``) or local directory.
@@ -712,7 +905,8 @@ def load_hf(rest: str, *, pretrained: bool, checkpoint: Path | None = None) -> M
         checkpoint: a state dict loaded strictly (after random init) instead of the hub weights.
 
     Returns:
-        A :class:`~vitdecomp.model.Model`; ``extras["clip"]`` holds a full ``CLIPModel``,
+        A :class:`~vitdecomp.model.Model`; ``extras["clip"]`` holds a full ``CLIPModel`` or
+        ``SiglipModel`` (image and text towers; text side via ``get_text_features``),
         ``extras["image_processor"]`` the repository's image processor when it has one.
 
     Raises:
@@ -764,7 +958,7 @@ def load_hf(rest: str, *, pretrained: bool, checkpoint: Path | None = None) -> M
     if processor is not None:
         prep = preprocessing_from_processor(processor, prep)
     extras: dict[str, Any] = {}
-    if type(module).__name__ == "CLIPModel":
+    if type(module).__name__ in ("CLIPModel", "SiglipModel"):
         extras["clip"] = module
     if processor is not None:
         extras["image_processor"] = processor

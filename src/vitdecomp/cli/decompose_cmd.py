@@ -1,4 +1,10 @@
-"""``vitdecomp decompose MODEL IMAGE_OR_DIR...``: decompose images and show the top components."""
+"""``vitdecomp decompose MODEL IMAGE_OR_DIR...``: decompose images and show the top components.
+
+With ``--out STORE`` (a directory or ``*.zarr``, anything but ``.safetensors``) the input is a
+dataset and the components are streamed into a resumable on-disk store instead
+(:func:`vitdecomp.dataset_run.decompose_dataset`); under ``torchrun`` every rank writes its
+own chunks of the same store.
+"""
 from __future__ import annotations
 
 import argparse
@@ -23,11 +29,19 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         ),
     )
     p.add_argument("model", help="timm:NAME | open_clip:ARCH[:TAG] | hf:REPO_OR_PATH (see `vitdecomp models`)")
-    p.add_argument("inputs", nargs="+", help="image files or directories (searched recursively)")
+    p.add_argument(
+        "inputs", nargs="+",
+        help="image files or directories (searched recursively); with --out STORE one dataset: an image "
+        "folder, ImageNet val, a Waterbirds root or ImageNet-Segmentation's gtsegs_ijcv.mat",
+    )
     p.add_argument("--granularity", choices=("layer", "head", "head_token"), default="head")
     p.add_argument("--start-layer", type=int, default=0, help="first decomposed block; earlier ones form 'rest'")
     p.add_argument("--top", type=int, default=10, help="components to show (default 10)")
-    p.add_argument("--out", type=Path, help="save the stack here (.safetensors; read with ComponentStack.load)")
+    p.add_argument(
+        "--out", type=Path,
+        help="FILE.safetensors: save the stack (read with ComponentStack.load); any other path: a "
+        "dataset store (zarr directory), streamed, resumable (run the same command again after a kill)",
+    )
     p.add_argument("--no-pretrained", action="store_true", help="random weights (offline; for trying things out)")
     p.add_argument("--checkpoint", type=Path, help="load weights from a local .safetensors / torch file")
     p.add_argument("--batch-size", type=int, default=16)
@@ -36,6 +50,12 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--ln-mode", choices=("centered", "anchor"), default="centered")
     p.add_argument("--bias-mode", choices=("explicit", "anchor", "split"), default="explicit")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    g = p.add_argument_group("dataset runs (--out STORE)")
+    g.add_argument("--kind", choices=("folder", "imagenet-val", "waterbirds", "imagenet-seg"), help="default: detected")
+    g.add_argument("--split", choices=("train", "val", "test"), help="Waterbirds split (default: all)")
+    g.add_argument("--store-dtype", choices=("float16", "float32"), default="float16")
+    g.add_argument("--num-workers", type=int, default=0, help="image decoding processes (default 0)")
+    g.add_argument("--max-chunks", type=int, help="stop after N chunks (resume later with the same command)")
     p.set_defaults(run=run)
 
 
@@ -48,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data.images import find_images, iter_image_batches
     from ..errors import InputError
 
+    if args.out is not None and args.out.suffix.lower() not in (".safetensors",):
+        return run_dataset(args)
     paths = find_images(args.inputs)
     if not paths:
         raise InputError(f"no image files found in {' '.join(args.inputs)}")
@@ -84,6 +106,79 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(_format(report))
     return 0
+
+
+def run_dataset(args: argparse.Namespace) -> int:
+    """``--out STORE``: stream one dataset into a store (this rank's share under torchrun)."""
+    import torch
+
+    import vitdecomp as vd
+
+    from ..dataset_run import decompose_dataset
+    from ..distributed import dist_info, init_process_group, rank_device, shutdown
+    from ..errors import InputError
+
+    if len(args.inputs) != 1:
+        raise InputError("with --out STORE give exactly one dataset (a folder, a Waterbirds root or a .mat file)")
+    if args.dtype == "float64" and args.store_dtype == "float16":
+        raise InputError("--dtype float64 with --store-dtype float16 would discard the precision; use float32")
+    info = dist_info()
+    device = rank_device(args.device, info)
+    joined = init_process_group(device)
+    try:
+        model = vd.load(args.model, pretrained=not args.no_pretrained, checkpoint=args.checkpoint, device=device)
+        if args.dtype == "float64":
+            model.module.to(torch.float64)
+        result = decompose_dataset(
+            model, args.inputs[0], args.out, batch_size=args.batch_size, granularity=args.granularity,
+            start_layer=args.start_layer, ln_mode=args.ln_mode, bias_mode=args.bias_mode,
+            store_dtype=args.store_dtype, kind=args.kind, split=args.split, num_workers=args.num_workers,
+            progress=not (args.json or args.quiet),
+            max_chunks=args.max_chunks,
+        )
+    finally:
+        if joined:
+            shutdown()
+    manifest = result.manifest
+    summary = {
+        "store": str(args.out),
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "complete": manifest["complete"],
+        "counts": manifest["counts"],
+        "error": manifest["error"],
+        "this_run": {
+            "chunks": len(result.chunks_done),
+            "images": result.images,
+            "skipped": len(result.skipped),
+            "seconds": round(result.seconds, 3),
+            "images_per_s": round(result.images_per_second, 2),
+        },
+    }
+    if info.rank == 0:
+        if args.json:
+            sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        else:
+            sys.stdout.write(_format_dataset(summary, manifest))
+    return 0
+
+
+def _format_dataset(summary: dict[str, Any], manifest: dict[str, Any]) -> str:
+    c, e, r = summary["counts"], summary["error"], summary["this_run"]
+    state = "complete" if summary["complete"] else f"incomplete ({len(manifest['pending_chunks'])} chunks pending; run again to resume)"
+    lines = [
+        f"store {summary['store']}: {state}",
+        f"  {c['valid']} images decomposed, {c['skipped']} skipped, {c['chunks_done']}/{c['chunks']} chunks",
+        f"  this run: {r['images']} images in {r['seconds']:.1f} s ({r['images_per_s']:.1f} img/s)"
+        + (f" on {summary['world_size']} ranks" if summary["world_size"] > 1 else ""),
+    ]
+    if e["max"] is not None:
+        lines.append(f"  Σ components = model output: max rel. error {e['max']:.1e} (stored dtype: {e['stored_max']:.1e})")
+    for item in manifest["skipped"][:10]:
+        lines.append(f"  skipped {item['id']}: {item['reason']}")
+    if len(manifest["skipped"]) > 10:
+        lines.append(f"  ... {len(manifest['skipped']) - 10} more skipped (see manifest.json)")
+    return "\n".join(lines) + "\n"
 
 
 def _report(model: Any, stack: Any, top: int) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -35,7 +36,7 @@ from ..stack import ComponentStack, TokenInfo
 if TYPE_CHECKING:
     from ..adapters.base import BlockMap, ViTMap
 
-__all__ = ["decompose_vit", "Granularity", "BiasMode"]
+__all__ = ["decompose_vit", "decompose_vit_parts", "Granularity", "BiasMode"]
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +54,15 @@ class _Plan:
 
 @dataclass
 class _LayerOut:
-    """Per-block rows, in the residual basis unless ``projected`` says otherwise."""
+    """One block reduced to its pooled rows (token side, before the readout map)."""
 
-    heads: torch.Tensor | None = None  # [B, H, d] / [B, H, N, d|K]
-    heads_projected: bool = False
-    heads_in_buffer: int = 0  # token stacks: this many head rows already sit in the buffer
-    bias: torch.Tensor | None = None  # [B, d] / [B, N, d]
-    mlp: torch.Tensor | None = None  # [B, d] / [B, N, d]
-    neurons: torch.Tensor | None = None  # [B, n, d|K]
-    neurons_projected: bool = False
-    mlp_bias: torch.Tensor | None = None  # [B, d]
+    heads: torch.Tensor | None = None  # [B, H, k] in the output basis (head/layer granularity)
+    beta: torch.Tensor | None = None  # [B, R, H, N] pooled patterns (token stacks)
+    v: torch.Tensor | None = None  # [B, H, N, dh] values without bias (token stacks)
+    bias: torch.Tensor | None = None  # [B, R, d] / tokens: [B, R, |S|, d]
+    mlp: torch.Tensor | None = None  # [B, R, d] / tokens: [B, R, |S|, d]
+    neurons: torch.Tensor | None = None  # [B, n, k] in the output basis
+    mlp_bias: torch.Tensor | None = None  # [B, R, d]
 
 
 @dataclass
@@ -75,10 +75,101 @@ class _Pass:
     caps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     layers: dict[int, _LayerOut] = field(default_factory=dict)
     stored: dict[int, tuple[Any, ...]] = field(default_factory=dict)
-    buffer: torch.Tensor | None = None  # final values of a token stack, filled in place
 
 
-def decompose_vit(
+@dataclass
+class _Item:
+    """Rows of the result: their labels and a function writing them into ``dest [n, B, (N), k]``."""
+
+    labels: list[ComponentLabel]
+    fill: Callable[[torch.Tensor], None]
+
+
+@dataclass
+class _Prepared:
+    """A finished pass: everything needed to write the result, in groups (one part each)."""
+
+    groups: list[list[_Item]]  # the embedding/rest | one per block | readout terms
+    reference: torch.Tensor  # [B, k]
+    row_shape: tuple[int, ...]  # (B, [N,] k)
+    dtype: torch.dtype
+    device: torch.device
+    spread: torch.Tensor | None  # added to every row (the readout constant, when it has no row)
+    norm: torch.Tensor | None  # [B] divisor (normalize=True)
+    space: str
+    tokens: TokenInfo | None
+    meta: dict[str, Any]
+
+    @property
+    def n_rows(self) -> int:
+        return sum(len(item.labels) for group in self.groups for item in group)
+
+    def alloc(self, n: int) -> torch.Tensor:
+        return torch.empty(n, *self.row_shape, dtype=self.dtype, device=self.device)
+
+    def fill(self, group: list[_Item], dest: torch.Tensor) -> list[ComponentLabel]:
+        """Write one group's rows into ``dest`` (exactly its size); return their labels."""
+        labels: list[ComponentLabel] = []
+        for item in group:
+            n = len(item.labels)
+            rows = dest[len(labels) : len(labels) + n]
+            item.fill(rows)
+            labels.extend(item.labels)
+        assert len(labels) == dest.shape[0]
+        if self.spread is not None:
+            dest += self.spread[None]
+        if self.norm is not None:
+            dest /= self.norm.view(1, -1, *([1] * (dest.dim() - 2)))
+        return labels
+
+    def stack(self, values: torch.Tensor, labels: list[ComponentLabel], meta: dict[str, Any]) -> ComponentStack:
+        return ComponentStack(
+            values=values, labels=tuple(labels), reference=self.reference, space=self.space, tokens=self.tokens, meta=meta
+        )
+
+
+def decompose_vit(vmap: ViTMap, pixels: torch.Tensor, **options: Any) -> ComponentStack:
+    """Decompose one batch; see :func:`vitdecomp.decompose` for the arguments.
+
+    Token stacks are written group by group into one preallocated ``[comp, batch, token, k]``
+    buffer, so the peak is one copy of the result plus one block's pooled values.
+    """
+    prep = _run(vmap, pixels, **options)
+    values = prep.alloc(prep.n_rows)
+    labels: list[ComponentLabel] = []
+    for group in prep.groups:
+        n = sum(len(item.labels) for item in group)
+        labels.extend(prep.fill(group, values[len(labels) : len(labels) + n]))
+    return prep.stack(values, labels, prep.meta)
+
+
+def decompose_vit_parts(vmap: ViTMap, pixels: torch.Tensor, **options: Any) -> Iterator[ComponentStack | None]:
+    """The same decomposition, one part at a time (a generator).
+
+    The first ``next()`` runs the hooked forward pass and everything that reads the model,
+    then yields ``None``; after that the model is no longer used (it may be restored or
+    changed). Each following item is a :class:`ComponentStack` holding some of the rows
+    (the embedding or ``rest`` term; then each block's heads, bias and MLP; then the readout
+    terms), with the full ``reference``; concatenated they are exactly the stack
+    :func:`decompose_vit` returns. Only one part is alive at a time unless the consumer
+    keeps them, so token stacks of any size stream in the memory of one block.
+    """
+    prep = _run(vmap, pixels, **options)
+    yield None
+    n_parts = len(prep.groups)
+    n_total = prep.n_rows
+    for index, group in enumerate(prep.groups):
+        n = sum(len(item.labels) for item in group)
+        values = prep.alloc(n)
+        labels = prep.fill(group, values)
+        meta = dict(prep.meta, part=index, n_parts=n_parts, n_components_total=n_total)
+        part = prep.stack(values, labels, meta)
+        del values
+        yield part
+        del part  # hold nothing of a delivered part while the next one is built
+
+
+def _run(
     vmap: ViTMap,
     pixels: torch.Tensor,
     *,
@@ -91,8 +182,8 @@ def decompose_vit(
     normalize: bool = False,
     compute_dtype: torch.dtype = torch.float32,
     meta: dict[str, Any] | None = None,
-) -> ComponentStack:
-    """Decompose one batch; see :func:`vitdecomp.decompose` for the arguments.
+) -> _Prepared:
+    """The hooked forward and every model-dependent quantity; rows are written later.
 
     Internally every pooled quantity carries a *route* axis ``R`` (dim 1): the pool heads of
     an attention pool, or a single route for CLS/mean pooling.
@@ -109,47 +200,33 @@ def decompose_vit(
     centre = ln_mode == "centered"
     dt = compute_dtype
 
-    # Image-independent linear maps, precomputed per block.
+    # Image-independent linear maps, precomputed so rows can be written after the model is
+    # restored: out_map [R, d, k] is the readout's linear part per route (then the directions).
     w_out = [blk.attn.w_out.detach().to(dt) for blk in vmap.blocks]
     ls1 = [blk.ls1.detach().to(dt) if blk.ls1 is not None else None for blk in vmap.blocks]
     w_out_ls = [w if g is None else w * g for w, g in zip(w_out, ls1)]  # [H, dh, d]
     dirs = directions.detach().to(dt) if directions is not None else None
+    d_model = w_out_ls[s0].shape[-1]
+    eye = torch.eye(d_model, dtype=dt, device=w_out_ls[s0].device)
+    out_map = readout.route_map_each(eye, centre)  # [R, d, d_z]
+    if dirs is not None:
+        if dirs.shape[-1] != out_map.shape[-1]:
+            raise InputError(f"directions have dimension {dirs.shape[-1]}, the output has {out_map.shape[-1]}")
+        out_map = out_map @ dirs.T  # [R, d, K]
+    width = out_map.shape[-1]
 
     def to_output(rows: torch.Tensor) -> torch.Tensor:
-        """Token-side rows ``[B, R, ..., d]`` -> output rows ``[B, ..., d_z or K]`` (routes summed)."""
-        out = readout.route_map(rows, centre, route_dim=1)
-        return out @ dirs.T if dirs is not None else out
+        """Token-side rows ``[B, R, ..., d]`` -> output rows ``[B, ..., k]`` (routes summed)."""
+        if out_map.shape[0] == 1:
+            return rows.squeeze(1) @ out_map[0]
+        return torch.einsum("br...d,rdk->b...k", rows, out_map)
 
-    def per_route(rows: torch.Tensor) -> torch.Tensor:
-        """Weights ``[..., d]`` -> ``[R, ..., d_z or K]``, one output map per route (not summed)."""
-        out = readout.route_map_each(rows, centre)
-        return out @ dirs.T if dirs is not None else out
-
-    proj_heads: dict[int, torch.Tensor] = {}
-    if tokens and dirs is not None:
-        proj_heads = {l: per_route(w_out_ls[l]) for l in range(s0, n_layers)}  # [R, H, dh, K]
+    # token stacks: per-head maps [R, H, dh, k] for the expansion over source tokens
+    head_maps: dict[int, torch.Tensor] = {}
+    if tokens:
+        head_maps = {l: torch.einsum("hde,rek->rhdk", w_out_ls[l], out_map) for l in range(s0, n_layers)}
 
     st = _Pass()
-    # Token stacks are large ([comp, batch, token, k]): their head rows are written straight
-    # into the final buffer (output basis, before the per-image scale) as each block is
-    # reduced, so the peak is one copy of the result, not two.
-    head_offset: dict[int, int] = {}
-    n_rows = 1
-    for layer in range(s0, n_layers):
-        head_offset[layer] = n_rows
-        n_rows += vmap.blocks[layer].attn.n_heads
-        n_rows += int(bias_mode == "explicit" and _attn_bias(vmap.blocks[layer], bias_mode, dt) is not None)
-        n_rows += 1  # mlp
-    n_rows += int(attn_pool is not None and attn_pool.mlp_write is not None)
-    const_row = not (ln_mode == "anchor" or bias_mode == "split")
-    n_rows += int(const_row)
-
-    def token_buffer(batch: int, n_tok: int, like: torch.Tensor) -> torch.Tensor:
-        if st.buffer is None:
-            d_in = w_out_ls[s0].shape[-1]
-            width = to_output(like.new_zeros(1, readout.n_routes, d_in)).shape[-1]
-            st.buffer = like.new_empty(n_rows, batch, n_tok, width)
-        return st.buffer
 
     def plan_for(x: torch.Tensor) -> _Plan:
         if st.plan is None:
@@ -210,33 +287,22 @@ def decompose_vit(
         omega_b = omega.expand(batch, -1, -1)
         beta = torch.einsum("brs,bhst->brht", omega_b, alpha)  # [B,R,H,N]
         if tokens:
-            if layer in proj_heads:
-                heads = torch.einsum("brht,bhtd,rhdk->bhtk", beta, v, proj_heads[layer])
-            else:
-                heads = to_output(torch.einsum("brht,bhtd,hde->brhte", beta, v, w_out_ls[layer]))
-            buf = token_buffer(batch, plan.n_tokens, heads)
-            buf[head_offset[layer] : head_offset[layer] + heads.shape[1]] = heads.movedim(1, 0)
-            out.heads_in_buffer = heads.shape[1]
-            del heads
+            out.beta, out.v = beta, v  # expanded over tokens when the rows are written
         else:
             pooled_v = torch.einsum("brht,bhtd->brhd", beta, v)
-            out.heads = torch.einsum("brhd,hde->brhe", pooled_v, w_out_ls[layer])
-        out.bias = _place(omega_b, _attn_bias(blk, bias_mode, dt), plan, tokens)
+            out.heads = to_output(torch.einsum("brhd,hde->brhe", pooled_v, w_out_ls[layer]))  # [B,H,k]
+        out.bias = _place(omega_b, _attn_bias(blk, bias_mode, dt), tokens)
         if mlp_neurons:
             if hidden_rows is None or blk.w_mlp_out is None:
                 raise InputError("this model does not expose MLP hidden activations; use mlp_neurons=False")
-            pooled_act = torch.einsum("brs,bsn->brn", omega_b, hidden_rows)  # R == 1 here
-            w_mlp = blk.w_mlp_out.detach().to(dt)
-            if dirs is not None:
-                out.neurons = pooled_act[..., None] * per_route(w_mlp)[None]
-                out.neurons_projected = True
-            else:
-                out.neurons = pooled_act[..., None] * w_mlp
+            pooled_act = torch.einsum("brs,bsn->brn", omega_b, hidden_rows)  # [B,R,n]
+            neuron_map = torch.einsum("nd,rdk->rnk", blk.w_mlp_out.detach().to(dt), out_map)
+            out.neurons = torch.einsum("brn,rnk->bnk", pooled_act, neuron_map)  # [B,n,k]
             b_mlp = blk.b_mlp_out.detach().to(dt) if blk.b_mlp_out is not None else None
-            out.mlp_bias = _place(omega_b, b_mlp, plan, False)
+            out.mlp_bias = _place(omega_b, b_mlp, False)
         else:
             assert mlp_rows is not None
-            out.mlp = _place_rows(omega_b, mlp_rows, plan, tokens)
+            out.mlp = _place_rows(omega_b, mlp_rows, tokens)
         return out
 
     specs: list[Any] = [(vmap.blocks[s0].module, "input", on_block_input)]
@@ -318,86 +384,65 @@ def decompose_vit(
         const = const + readout.proj_bias.detach().to(dt)
     if dirs is not None:
         const = const @ dirs.T
-
-    # ---- assemble rows: pooled writes -> output basis, times the per-image scale
-    def finish(rows: torch.Tensor, projected: bool) -> torch.Tensor:
-        out = rows if projected else to_output(rows)
-        return out * scale.view(batch, *([1] * (out.dim() - 1)))
-
-    first_w = omega if not plan.separable else w_s[None, None]
-    labels: list[ComponentLabel] = [ComponentLabel("embed" if s0 == 0 else "rest")]
-    writer = _Rows(st.buffer if tokens else None)
-    writer.put(finish(_place_rows(first_w.expand(batch, -1, -1), st.x_in, plan, tokens), False)[None])
-    for layer in range(s0, n_layers):
-        out = st.layers.pop(layer)
-        if out.heads_in_buffer:
-            n_heads = out.heads_in_buffer
-            heads = writer.next_rows(n_heads)  # [H, B, N, k], in place
-            heads.mul_(scale.view(1, batch, 1, 1))
-        else:
-            heads = finish(out.heads, out.heads_projected).movedim(1, 0)  # [H,B,(N),k]
-            n_heads = heads.shape[0]
-        bias = finish(out.bias, False) if out.bias is not None else None
-        if bias is not None and bias_mode in ("anchor", "split"):
-            # the layer's constant, shared equally by its H heads (H*N cells for tokens)
-            if tokens:
-                heads += (bias.sum(1) / (n_heads * plan.n_tokens))[None, :, None, :]
-            else:
-                heads += (bias / n_heads)[None]
-            bias = None
-        if granularity == "layer":
-            writer.put(heads.sum(0, keepdim=True))
-            labels.append(ComponentLabel("attn", layer))
-        else:
-            if not out.heads_in_buffer:
-                writer.put(heads)
-            labels.extend(ComponentLabel("head", layer, head=h) for h in range(n_heads))
-        if bias is not None:
-            writer.put(bias[None])
-            labels.append(ComponentLabel("bias", layer))
-        if out.neurons is not None:
-            writer.put(finish(out.neurons, out.neurons_projected).movedim(1, 0))
-            labels.extend(ComponentLabel("neuron", layer, neuron=n) for n in range(out.neurons.shape[2]))
-            if out.mlp_bias is not None:
-                writer.put(finish(out.mlp_bias, False)[None])
-                labels.append(ComponentLabel("mlp_bias", layer))
-        else:
-            assert out.mlp is not None
-            writer.put(finish(out.mlp, False)[None])
-            labels.append(ComponentLabel("mlp", layer))
-
-    def at_pooled_positions(vec: torch.Tensor) -> torch.Tensor:
-        """A pooled-side row ``[B, k]``, spread over the pooled tokens for token stacks."""
-        if not tokens:
-            return vec
-        share = (w_s / w_s.sum())[None, :, None] * vec[:, None, :]
-        out = vec.new_zeros(batch, plan.n_tokens, vec.shape[-1])
-        out[:, plan.support] = share
-        return out
-
     if pool_mlp is not None:
-        mlp_out = readout.after_pool(pool_mlp, centre)
-        mlp_out = (mlp_out @ dirs.T if dirs is not None else mlp_out) * scale[:, None]
-        writer.put(at_pooled_positions(mlp_out)[None])
-        labels.append(ComponentLabel("pool_mlp"))
+        pool_mlp_out = readout.after_pool(pool_mlp, centre)
+        pool_mlp_out = pool_mlp_out @ dirs.T if dirs is not None else pool_mlp_out
+    # ---- nothing below reads the model: rows are written from the tensors above
 
-    # ---- the readout constant: its own row, or spread over the component rows
-    const_value = at_pooled_positions(const)
+    n_tok = plan.n_tokens
+    scale_b = scale.view(batch, 1, 1) if tokens else scale.view(batch, 1)
+
+    def finish(rows: torch.Tensor, dest: torch.Tensor) -> None:
+        """Token-side rows ``[B, R, d]`` (tokens: ``[B, R, |S|, d]``) -> ``dest [B, (N,) k]``."""
+        out = to_output(rows) * scale_b
+        if tokens:
+            dest.zero_()
+            dest[:, plan.support] = out
+        else:
+            dest.copy_(out)
+
+    def at_pooled_positions(vec: torch.Tensor, dest: torch.Tensor) -> None:
+        """A pooled-side row ``vec [B, k]`` into ``dest [B, (N,) k]`` (spread over pooled tokens)."""
+        if not tokens:
+            dest.copy_(vec)
+            return
+        dest.zero_()
+        dest[:, plan.support] = (w_s / w_s.sum())[None, :, None] * vec[:, None, :]
+
+    first_w = (omega if not plan.separable else w_s[None, None]).expand(batch, -1, -1)
+    first = _place_rows(first_w, st.x_in, tokens)
+    groups: list[list[_Item]] = [[_Item([ComponentLabel("embed" if s0 == 0 else "rest")], lambda d: finish(first, d[0]))]]
+    for layer in range(s0, n_layers):
+        groups.append(_block_items(layer, st.layers.pop(layer), granularity, bias_mode, finish, head_maps, scale, n_tok))
+    tail: list[_Item] = []
+    if pool_mlp is not None:
+        pool_row = pool_mlp_out * scale[:, None]
+        tail.append(_Item([ComponentLabel("pool_mlp")], lambda d: at_pooled_positions(pool_row, d[0])))
+    const_row = not (ln_mode == "anchor" or bias_mode == "split")
     if const_row:
-        writer.put(const_value[None])
-        labels.append(ComponentLabel("const"))
-    values = writer.result()
-    if not const_row:
-        values += const_value[None] / values.shape[0]
-    assert values.shape[0] == len(labels)
-
-    reference_out = reference @ dirs.T if dirs is not None else reference
+        tail.append(_Item([ComponentLabel("const")], lambda d: at_pooled_positions(const, d[0])))
+    if tail:
+        groups.append(tail)
+    row_shape = (batch, n_tok, width) if tokens else (batch, width)
+    prep = _Prepared(
+        groups=groups,
+        reference=reference @ dirs.T if dirs is not None else reference,
+        row_shape=row_shape,
+        dtype=dt,
+        device=reference.device,
+        spread=None,
+        norm=None,
+        space="projected" if dirs is not None else "model",
+        tokens=_token_info(vmap, pixels, n_tok) if tokens else None,
+        meta={},
+    )
+    if not const_row:  # the readout constant, shared equally by every row
+        spread = prep.alloc(1)[0]
+        at_pooled_positions(const, spread)
+        prep.spread = spread / prep.n_rows
     if normalize:
-        norm = reference.norm(dim=-1).clamp_min(torch.finfo(dt).tiny)
-        values = values / norm.view(1, batch, *([1] * (values.dim() - 2)))
-        reference_out = reference_out / norm[:, None]
-
-    token_info = _token_info(vmap, pixels, plan.n_tokens) if tokens else None
+        prep.norm = reference.norm(dim=-1).clamp_min(torch.finfo(dt).tiny)
+        prep.reference = prep.reference / prep.norm[:, None]
     info = dict(meta or {})
     info.update(
         granularity=granularity,
@@ -409,43 +454,91 @@ def decompose_vit(
         normalize=normalize,
         projected=dirs is not None,
     )
-    return ComponentStack(
-        values=values,
-        labels=tuple(labels),
-        reference=reference_out,
-        space="projected" if dirs is not None else "model",
-        tokens=token_info,
-        meta=info,
-    )
+    prep.meta = info
+    return prep
 
 
-class _Rows:
-    """Collects output rows: appended to a list, or written into a preallocated buffer."""
+def _block_items(
+    layer: int,
+    out: _LayerOut,
+    granularity: str,
+    bias_mode: str,
+    finish: Callable[[torch.Tensor, torch.Tensor], None],
+    head_maps: dict[int, torch.Tensor],
+    scale: torch.Tensor,
+    n_tok: int,
+) -> list[_Item]:
+    """One block's rows: heads (or the layer's attention sum), its bias, its MLP or neurons."""
+    tokens = out.beta is not None
+    n_heads = out.beta.shape[2] if out.beta is not None else out.heads.shape[1]  # type: ignore[union-attr]
+    fold_bias = out.bias is not None and bias_mode in ("anchor", "split")
 
-    def __init__(self, buffer: torch.Tensor | None) -> None:
-        self.buffer = buffer
-        self.parts: list[torch.Tensor] = []
-        self.n = 0
-
-    def put(self, rows: torch.Tensor) -> None:
-        if self.buffer is None:
-            self.parts.append(rows)
+    def heads_into(dest: torch.Tensor) -> None:
+        """``dest [H, B, (N,) k]``: the heads' rows, with the layer constant folded in if asked."""
+        if tokens:
+            _expand_token_heads(out.beta, out.v, head_maps[layer], scale, dest)  # type: ignore[arg-type]
         else:
-            self.buffer[self.n : self.n + rows.shape[0]] = rows
-        self.n += rows.shape[0]
+            dest.copy_(out.heads.movedim(1, 0) * scale.view(1, -1, 1))  # type: ignore[union-attr]
+        if fold_bias:  # the layer's constant, shared equally by its H heads (H*N cells for tokens)
+            bias = torch.empty_like(dest[0])
+            finish(out.bias, bias)  # type: ignore[arg-type]
+            if tokens:
+                dest += (bias.sum(1) / (n_heads * n_tok))[None, :, None, :]
+            else:
+                dest += (bias / n_heads)[None]
 
-    def next_rows(self, count: int) -> torch.Tensor:
-        """The next ``count`` rows of the buffer (already filled), as a view."""
-        assert self.buffer is not None
-        view = self.buffer[self.n : self.n + count]
-        self.n += count
-        return view
+    items: list[_Item] = []
+    if granularity == "layer":
 
-    def result(self) -> torch.Tensor:
-        if self.buffer is None:
-            return torch.cat(self.parts, dim=0)
-        assert self.n == self.buffer.shape[0], (self.n, self.buffer.shape)
-        return self.buffer
+        def layer_into(dest: torch.Tensor) -> None:
+            heads = torch.empty(n_heads, *dest.shape[1:], dtype=dest.dtype, device=dest.device)
+            heads_into(heads)
+            torch.sum(heads, dim=0, keepdim=True, out=dest)
+
+        items.append(_Item([ComponentLabel("attn", layer)], layer_into))
+    else:
+        items.append(_Item([ComponentLabel("head", layer, head=h) for h in range(n_heads)], heads_into))
+    if out.bias is not None and not fold_bias:
+        items.append(_Item([ComponentLabel("bias", layer)], lambda d: finish(out.bias, d[0])))  # type: ignore[arg-type]
+    if out.neurons is not None:
+        neurons = out.neurons
+        n = neurons.shape[1]
+        items.append(
+            _Item(
+                [ComponentLabel("neuron", layer, neuron=i) for i in range(n)],
+                lambda d: d.copy_(neurons.movedim(1, 0) * scale.view(1, -1, 1)),
+            )
+        )
+        if out.mlp_bias is not None:
+            items.append(_Item([ComponentLabel("mlp_bias", layer)], lambda d: finish(out.mlp_bias, d[0])))  # type: ignore[arg-type]
+    else:
+        assert out.mlp is not None
+        items.append(_Item([ComponentLabel("mlp", layer)], lambda d: finish(out.mlp, d[0])))  # type: ignore[arg-type]
+    return items
+
+
+def _expand_token_heads(
+    beta: torch.Tensor, v: torch.Tensor, maps: torch.Tensor, scale: torch.Tensor, dest: torch.Tensor
+) -> None:
+    """Per-head, per-source-token terms ``scale_b * sum_r beta^r_{b,h,t} v_{b,h,t} M^r_h``.
+
+    Args:
+        beta: pooled patterns ``[B, R, H, N]``.
+        v: values without their bias ``[B, H, N, dh]``.
+        maps: ``[R, H, dh, k]`` = ``W_O^h`` then the readout route ``r`` (and the directions).
+        scale: per-image readout scalar ``[B]``.
+        dest: ``[H, B, N, k]``, written in place with one batched matmul per block.
+    """
+    b, r, h, n = beta.shape
+    dh, k = maps.shape[2], maps.shape[3]
+    weighted = beta.unsqueeze(-1) * v.unsqueeze(1)  # [B,R,H,N,dh]
+    lhs = weighted.permute(2, 0, 3, 1, 4).reshape(h, b * n, r * dh)
+    rhs = maps.permute(1, 0, 2, 3).reshape(h, r * dh, k)
+    if dest.is_contiguous():
+        torch.bmm(lhs, rhs, out=dest.view(h, b * n, k))
+    else:
+        dest.copy_(torch.bmm(lhs, rhs).view(h, b, n, k))
+    dest.mul_(scale.view(1, b, 1, 1))
 
 
 def _resolve_start(start_layer: int, n_layers: int) -> int:
@@ -469,26 +562,21 @@ def _attn_bias(blk: BlockMap, bias_mode: str, dt: torch.dtype) -> torch.Tensor |
     return total
 
 
-def _place(omega: torch.Tensor, vec: torch.Tensor | None, plan: _Plan, tokens: bool) -> torch.Tensor | None:
-    """A constant write ``vec [d]`` at every pooled position, weighted by ``omega [B, R, |S|]``."""
+def _place(omega: torch.Tensor, vec: torch.Tensor | None, tokens: bool) -> torch.Tensor | None:
+    """A constant write ``vec [d]`` at every pooled position, weighted by ``omega [B, R, |S|]``:
+    ``[B, R, d]``, or per pooled position ``[B, R, |S|, d]`` for token stacks."""
     if vec is None:
         return None
     if not tokens:
-        return omega.sum(-1)[..., None] * vec  # [B, R, d]
-    return _scatter(omega[..., None] * vec, plan)  # [B, R, N, d]
+        return omega.sum(-1)[..., None] * vec
+    return omega[..., None] * vec
 
 
-def _place_rows(omega: torch.Tensor, rows: torch.Tensor, plan: _Plan, tokens: bool) -> torch.Tensor:
-    """Per-position writes ``rows [B, |S|, d]`` pooled per route: ``[B, R, d]`` (or ``[B, R, N, d]``)."""
+def _place_rows(omega: torch.Tensor, rows: torch.Tensor, tokens: bool) -> torch.Tensor:
+    """Per-position writes ``rows [B, |S|, d]`` pooled per route: ``[B, R, d]`` (tokens: kept
+    per pooled position, ``[B, R, |S|, d]``; scattered to all N tokens after the readout map)."""
     weighted = omega[..., None] * rows[:, None]  # [B, R, |S|, d]
-    return _scatter(weighted, plan) if tokens else weighted.sum(2)
-
-
-def _scatter(rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """``[..., |S|, d]`` -> ``[..., N, d]`` with zeros outside the pooled positions."""
-    out = rows.new_zeros(*rows.shape[:-2], plan.n_tokens, rows.shape[-1])
-    out[..., plan.support, :] = rows
-    return out
+    return weighted if tokens else weighted.sum(2)
 
 
 def _token_info(vmap: ViTMap, pixels: torch.Tensor, n_tokens: int) -> TokenInfo:

@@ -5,6 +5,8 @@ from .tiny_models import (
     tiny_hf_clip_vision,
     tiny_hf_dinov2,
     tiny_hf_dinov2_registers,
+    tiny_hf_siglip,
+    tiny_hf_siglip_vision,
     tiny_hf_vit,
     tiny_open_clip,
     tiny_open_clip_vision,
@@ -21,4 +23,6 @@ __all__ = [
     "tiny_hf_dinov2",
     "tiny_hf_clip",
     "tiny_hf_dinov2_registers",
+    "tiny_hf_siglip_vision",
+    "tiny_hf_siglip",
 ]

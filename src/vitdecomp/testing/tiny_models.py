@@ -19,6 +19,8 @@ __all__ = [
     "tiny_hf_dinov2",
     "tiny_hf_clip",
     "tiny_hf_dinov2_registers",
+    "tiny_hf_siglip_vision",
+    "tiny_hf_siglip",
 ]
 
 
@@ -142,3 +144,52 @@ def tiny_hf_dinov2_registers(seed: int = 0, num_register_tokens: int = 2, **kwar
     torch.manual_seed(seed)
     config = Dinov2WithRegistersConfig(num_register_tokens=num_register_tokens, **_hf_vision_kwargs(**kwargs))
     return perturb(Dinov2WithRegistersModel(config), seed)
+
+
+def tiny_hf_siglip_vision(seed: int = 0, **kwargs: Any) -> nn.Module:
+    """transformers ``SiglipVisionModel`` (no CLS, attention-pooling head) at random init.
+
+    ``kwargs`` go to ``SiglipVisionConfig`` (e.g. ``vision_use_head=False``,
+    ``attn_implementation="eager"``). The head's probe is scaled up so that the pooling
+    pattern is far from uniform.
+    """
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    return _sharpen_probe(perturb(SiglipVisionModel(SiglipVisionConfig(**_hf_vision_kwargs(**kwargs))), seed))
+
+
+def tiny_hf_siglip(
+    seed: int = 0, classifier: bool = False, attn_implementation: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """transformers ``SiglipModel`` (image + text towers) at random init.
+
+    With ``classifier=True``, a ``SiglipForImageClassification`` (10 labels) on the same
+    vision config. ``kwargs`` go to the vision config; the text tower is 2 layers, width 32,
+    vocabulary 100, context 16 (its ``pooler_output`` is 32 wide; the image tower's is 64).
+    """
+    import torch
+    from transformers import SiglipConfig, SiglipForImageClassification, SiglipModel
+
+    torch.manual_seed(seed)
+    text = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    config = SiglipConfig(text_config=text, vision_config=_hf_vision_kwargs(**kwargs), num_labels=10)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    cls = SiglipForImageClassification if classifier else SiglipModel
+    return _sharpen_probe(perturb(cls(config), seed))
+
+
+def _sharpen_probe(module: nn.Module, factor: float = 8.0) -> nn.Module:
+    """Scale every SigLIP pooling ``probe`` so the pooled pattern is not near-uniform."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("head.probe"):
+                p.mul_(factor)
+    return module

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from .model import Model
 
-__all__ = ["decompose"]
+__all__ = ["decompose", "iter_decompose"]
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,106 @@ def decompose(
     Returns:
         A :class:`ComponentStack` whose rows sum to the model's own representation.
     """
+    m, x, run_dtype, options = _arguments(
+        model, pixels, granularity, start_layer, ln_mode, bias_mode, mlp_neurons, directions, normalize, dtype
+    )
+    tol = rtol if rtol is not None else default_rtol(run_dtype)
+    options["meta"]["rtol"] = tol
+    from .engines import engine_for
+
+    with _prepared(m.module, run_dtype), _input_errors(m, pixels):
+        structure = m.structure  # built after the cast: it reads the weights
+        stack = engine_for(structure.engine)(structure, x, **options)
+    if check:
+        stack.check(tol)
+    return stack
+
+
+def iter_decompose(
+    model: Model | nn.Module,
+    pixels: torch.Tensor,
+    *,
+    granularity: Literal["layer", "head", "head_token"] = "head",
+    start_layer: int = 0,
+    ln_mode: Literal["centered", "anchor"] = "centered",
+    bias_mode: Literal["explicit", "anchor", "split"] = "explicit",
+    mlp_neurons: bool = False,
+    directions: torch.Tensor | None = None,
+    normalize: bool = False,
+    dtype: torch.dtype | None = None,
+    check: bool = True,
+    rtol: float | None = None,
+) -> Iterator[ComponentStack]:
+    """:func:`decompose`, delivered one part at a time: for token stacks that do not fit.
+
+    Yields :class:`ComponentStack` parts (same arguments and meaning as :func:`decompose`):
+    for ViT-family models the embedding or ``rest`` row, then each block's rows, then the
+    readout terms; other engines yield their whole stack as one part. Every part carries
+    the full ``reference``; concatenated, the parts are the stack :func:`decompose` returns.
+    The model's forward pass runs (and the model is restored) before the first part is
+    yielded. Parts are built only when asked for, so a consumer that reduces each part
+    (a heatmap, a running statistic) holds one block's ``[comp, batch, token, k]`` at a time.
+
+    Exactness: the parts' sum is accumulated in float64 as they are yielded; after the
+    last part the generator raises :class:`~vitdecomp.errors.DecompositionError` if
+    ``||sum - reference|| / ||reference||`` exceeds the tolerance. Consume it to the end.
+    """
     import torch
 
-    from .engines import engine_for
+    from .engines import engine_for, parts_engine_for
+
+    m, x, run_dtype, options = _arguments(
+        model, pixels, granularity, start_layer, ln_mode, bias_mode, mlp_neurons, directions, normalize, dtype
+    )
+    tol = rtol if rtol is not None else default_rtol(run_dtype)
+    options["meta"]["rtol"] = tol
+    with _prepared(m.module, run_dtype), _input_errors(m, pixels):
+        structure = m.structure  # built after the cast: it reads the weights
+        engine_parts = parts_engine_for(structure.engine)
+        if engine_parts is None:
+            parts: Iterator[ComponentStack | None] = iter([engine_for(structure.engine)(structure, x, **options)])
+        else:
+            parts = engine_parts(structure, x, **options)
+            next(parts)  # runs the forward pass and reads the model
+    total: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+    while True:
+        with torch.no_grad():
+            part = next(parts, None)
+        if part is None:
+            break
+        assert isinstance(part, ComponentStack)
+        total = part.total() if total is None else total + part.total()
+        reference = part.reference
+        yield part
+        del part
+    if check and total is not None and reference is not None:
+        ref = reference.to(torch.float64)
+        err = float(((total - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)).max())
+        if not err <= tol:
+            from .errors import DecompositionError
+
+            raise DecompositionError(
+                f"the parts sum to the reference only to relative error {err:.3g} (tolerance {tol:.1g}); "
+                f"model {m.name}. This is a bug or an unsupported module: please report it with the model name."
+            )
+
+
+def _arguments(
+    model: Any,
+    pixels: Any,
+    granularity: str,
+    start_layer: int,
+    ln_mode: str,
+    bias_mode: str,
+    mlp_neurons: bool,
+    directions: Any,
+    normalize: bool,
+    dtype: Any,
+) -> tuple[Model, torch.Tensor, torch.dtype, dict[str, Any]]:
+    """Validate the arguments; return the wrapped model, the input, the run dtype and engine options."""
+    import torch
+
     from .model import wrap
 
     if granularity not in _GRANULARITIES:
@@ -100,37 +197,37 @@ def decompose(
         raise InputError("pixels must be a float tensor (preprocessed, normalised)")
     if directions is not None and (directions.dim() != 2):
         raise InputError(f"directions must be [k, d], got shape {tuple(directions.shape)}")
-
     run_dtype = dtype or m.dtype
     compute_dtype = torch.float64 if run_dtype == torch.float64 else torch.float32
-    tol = rtol if rtol is not None else default_rtol(run_dtype)
-    with _prepared(m.module, run_dtype):
-        structure = m.structure
-        x = pixels.to(device=m.device, dtype=run_dtype)
-        try:
-            stack = engine_for(structure.engine)(
-                structure,
-                x,
-                granularity=granularity,
-                start_layer=start_layer,
-                ln_mode=ln_mode,
-                bias_mode=bias_mode,
-                mlp_neurons=mlp_neurons,
-                directions=directions,
-                normalize=normalize,
-                compute_dtype=compute_dtype,
-                meta={"model": m.name, "family": m.family, "weights": m.weights, "dtype": str(run_dtype).replace("torch.", ""), "rtol": tol},
-            )
-        except (AssertionError, RuntimeError) as exc:
-            if "size" in str(exc).lower() or "shape" in str(exc).lower() or "match" in str(exc).lower():
-                raise InputError(
-                    f"the model rejected pixels of shape {tuple(pixels.shape)}: {exc} "
-                    f"(expected input size {m.preprocessing.input_size})"
-                ) from exc
+    options: dict[str, Any] = dict(
+        granularity=granularity,
+        start_layer=start_layer,
+        ln_mode=ln_mode,
+        bias_mode=bias_mode,
+        mlp_neurons=mlp_neurons,
+        directions=directions,
+        normalize=normalize,
+        compute_dtype=compute_dtype,
+        meta={"model": m.name, "family": m.family, "weights": m.weights, "dtype": str(run_dtype).replace("torch.", "")},
+    )
+    return m, pixels.to(device=m.device, dtype=run_dtype), run_dtype, options
+
+
+@contextmanager
+def _input_errors(m: Model, pixels: torch.Tensor) -> Iterator[None]:
+    """Turn a model's own complaint about the input size into an :class:`InputError`."""
+    try:
+        yield
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, InputError):
             raise
-    if check:
-        stack.check(tol)
-    return stack
+        text = str(exc).lower()
+        if "size" in text or "shape" in text or "match" in text:
+            raise InputError(
+                f"the model rejected pixels of shape {tuple(pixels.shape)}: {exc} "
+                f"(expected input size {m.preprocessing.input_size})"
+            ) from exc
+        raise
 
 
 @contextmanager
