@@ -350,10 +350,14 @@ def test_head_terms_through_each_pool_head_match_a_naive_reference(vision):
         torch.testing.assert_close(fp32[f"L{layer:02d}.H{head:02d}"].double(), value.sum(0), rtol=1e-4, atol=1e-5)
 
 
-def test_attention_pooled_models_refuse_neurons(vision):
+def test_neurons_sum_to_their_mlp_through_the_pool(vision):
     model, x = vision
-    with pytest.raises(vd.InputError, match="attention-pooled"):
-        vd.decompose(model, x, mlp_neurons=True)
+    plain = vd.decompose(model, x, dtype=torch.float64)
+    neurons = vd.decompose(model, x, mlp_neurons=True, dtype=torch.float64)
+    assert neurons.error() < 1e-10
+    for layer in range(model.n_layers):
+        rows = neurons.select(kind=("neuron", "mlp_bias"), layer=layer).values.sum(0)
+        torch.testing.assert_close(rows, plain[f"L{layer:02d}.mlp"], rtol=1e-9, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------- tokens, hooks, batch

@@ -195,8 +195,6 @@ def _run(
     tokens = granularity == "head_token"
     if mlp_neurons and tokens:
         raise InputError("mlp_neurons=True is not available with granularity='head_token'")
-    if mlp_neurons and attn_pool is not None:
-        raise InputError("mlp_neurons=True is not available for attention-pooled models yet")
     centre = ln_mode == "centered"
     dt = compute_dtype
 
@@ -262,33 +260,43 @@ def _run(
             alpha = torch.softmax((q_rows @ k.transpose(-1, -2)) * blk.attn.scale, dim=-1)  # [B,H,|S|,N]
             if bias_mode != "anchor" and blk.attn.v_bias is not None:
                 v = v - blk.attn.v_bias.detach().to(dt)[None, :, None, :]
-            parts = (alpha, v, caps.get("mlp_write"), caps.get("mlp_hidden"))
+            mlp_rows, hidden = caps.get("mlp_write"), caps.get("mlp_hidden")
             if plan.separable:
-                st.layers[layer] = pool_block(layer, *parts, omega=plan.w_support[None, None])
-            else:
-                st.stored[layer] = parts
+                st.layers[layer] = pool_block(layer, alpha, v, mlp_rows, hidden, omega=plan.w_support[None, None])
+            elif tokens:
+                st.stored[layer] = (alpha, v, mlp_rows, hidden)  # [B,H,|S|,N]: token terms need the pattern
+            else:  # keep the heads' outputs at the pooled positions, not the pattern (|S| x dh << |S| x N)
+                st.stored[layer] = (None, alpha @ v, mlp_rows, hidden)
 
         return fn
 
     def pool_block(
         layer: int,
-        alpha: torch.Tensor,
+        alpha: torch.Tensor | None,
         v: torch.Tensor,
         mlp_rows: torch.Tensor | None,
         hidden_rows: torch.Tensor | None,
         omega: torch.Tensor,
     ) -> _LayerOut:
-        """Reduce one block with position weights ``omega [B or 1, R, |S|]``."""
+        """Reduce one block with position weights ``omega [B or 1, R, |S|]``.
+
+        ``alpha [B, H, |S|, N]`` and ``v [B, H, N, dh]``; or ``alpha=None`` and ``v`` the heads'
+        outputs at the pooled positions ``z = alpha v  [B, H, |S|, dh]`` (head/layer granularity).
+        """
         plan = st.plan
         assert plan is not None
         blk = vmap.blocks[layer]
         out = _LayerOut()
-        batch = alpha.shape[0]
+        batch = v.shape[0]
         omega_b = omega.expand(batch, -1, -1)
-        beta = torch.einsum("brs,bhst->brht", omega_b, alpha)  # [B,R,H,N]
-        if tokens:
-            out.beta, out.v = beta, v  # expanded over tokens when the rows are written
+        if alpha is None:
+            pooled_v = torch.einsum("brs,bhsd->brhd", omega_b, v)
+            out.heads = to_output(torch.einsum("brhd,hde->brhe", pooled_v, w_out_ls[layer]))  # [B,H,k]
+        elif tokens:
+            out.beta = torch.einsum("brs,bhst->brht", omega_b, alpha)  # [B,R,H,N]
+            out.v = v  # expanded over tokens when the rows are written
         else:
+            beta = torch.einsum("brs,bhst->brht", omega_b, alpha)  # [B,R,H,N]
             pooled_v = torch.einsum("brht,bhtd->brhd", beta, v)
             out.heads = to_output(torch.einsum("brhd,hde->brhe", pooled_v, w_out_ls[layer]))  # [B,H,k]
         out.bias = _place(omega_b, _attn_bias(blk, bias_mode, dt), tokens)
