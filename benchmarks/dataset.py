@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -197,7 +198,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     m = vd.load("timm:" + spec["model"], pretrained=False, device=device)
     m.module.eval()
     out["build_s"] = time.perf_counter() - t
-    out["weights_mib"] = sum(p.numel() * p.element_size() for p in [*m.module.parameters(), *m.module.buffers()]) / 2**20
+    tensors = [*m.module.parameters(), *m.module.buffers()]
+    out["weights_mib"] = sum(p.numel() * p.element_size() for p in tensors) / 2**20
     _trim()
     out["rss_after_build_mib"] = _rss_mib()
 
@@ -313,7 +315,7 @@ def launch(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG) :])
     lines = (proc.stderr or proc.stdout).strip().splitlines()
-    errors = [ln for ln in lines if ln[:1].isalpha() and ("Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0])]
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
     why = errors[-1] if errors else " | ".join(lines[-3:])
     return {"failed": f"exit {proc.returncode}: {why}"}
 
@@ -342,7 +344,7 @@ def print_table(results: list[dict[str, Any]], cuda: bool) -> None:
             f"{_fmt(r.get('store_bytes_per_image', 0) / 1024, '.0f', 8)} {_fmt(r.get('write_mib_s'), '.0f', 8)} "
             f"{_fmt(r.get('error_max'), '.1e', 8)} {_fmt(r.get('rss_baseline_mib'), '.0f', 8)} "
             f"{_fmt(r.get('forward_peak_rss_mib'), '.0f', 8)} {_fmt(r.get('decompose_peak_rss_mib'), '.0f', 8)} "
-            f"{_fmt(r.get('decompose_rss_delta_mib'), '.0f', 8)} {_fmt(r.get('rss_growth_mib'), '+.0f', 7)}"
+            f"{_fmt(r.get('decompose_rss_delta_mib'), '.0f', 8)} {_fmt(r.get('rss_growth_mib'), '.0f', 7)}"
         )
         if cuda:
             line += (
@@ -372,7 +374,9 @@ def print_table(results: list[dict[str, Any]], cuda: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help="timm model name, random weights (default vit_base_patch16_224)")
     p.add_argument("--sizes", default=None, help="comma list of dataset sizes N (default 256)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch / store chunk (default 32)")
