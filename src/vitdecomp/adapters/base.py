@@ -62,6 +62,8 @@ class AttentionMap:
         captures: hook points feeding :attr:`qkv`.
         qkv: maps the captured tensors to ``q, k, v`` each ``[B, H, N, d_h]`` (v with its
             bias; q and k after any qk-norm the module applies).
+        qkv_rows: optional cheaper form ``(captured, rows [|S|] long) -> (q[:, :, rows], k, v)``
+            for adapters that must recompute the projections: queries only at the pooled rows.
     """
 
     n_heads: int
@@ -72,6 +74,7 @@ class AttentionMap:
     v_bias: torch.Tensor | None
     captures: list[CapturePoint]
     qkv: Callable[[Captured], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    qkv_rows: Callable[[Captured, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass

@@ -242,6 +242,12 @@ class OpenClipViTAdapter:
         scale = float(scale) if isinstance(scale, (int, float)) else d_head**-0.5
 
         def qkv(caps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return qkv_rows(caps, None)
+
+        def qkv_rows(
+            caps: dict[str, torch.Tensor], rows: torch.Tensor | None
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """q (at ``rows`` only, when given), k, v from the captured attention input."""
             u = caps["attn_in"]  # [B, N, d], the ln_1 output as attn received it
             if u.dim() != 3 or u.shape[-1] != d:
                 raise UnsupportedModelError(f"{name}: input {tuple(u.shape)} is not [B, N, {d}]")
@@ -251,8 +257,15 @@ class OpenClipViTAdapter:
                     f"{layout.batch}; vitdecomp reads the residual stream batch-first [B, N, d]"
                 )
             b, n, _ = u.shape
-            x = torch.nn.functional.linear(u, w_in.to(u.dtype), b_in.to(u.dtype) if b_in is not None else None)
-            q, k, v = x.reshape(b, n, 3, n_heads, d_head).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, dh]
+            w, bias = w_in.to(u.dtype), b_in.to(u.dtype) if b_in is not None else None
+            if rows is None:
+                x = torch.nn.functional.linear(u, w, bias)
+                q, k, v = x.reshape(b, n, 3, n_heads, d_head).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, dh]
+            else:  # keys and values at every token, queries only where the readout looks
+                kv = torch.nn.functional.linear(u, w[d:], bias[d:] if bias is not None else None)
+                k, v = kv.reshape(b, n, 2, n_heads, d_head).permute(2, 0, 3, 1, 4).unbind(0)
+                q = torch.nn.functional.linear(u[:, rows], w[:d], bias[:d] if bias is not None else None)
+                q = q.reshape(b, len(rows), n_heads, d_head).transpose(1, 2)  # [B, H, |S|, dh]
             if isinstance(ln_q, nn.Module) and not isinstance(ln_q, nn.Identity):  # qk-norm per head
                 q = ln_q(q)
             if isinstance(ln_k, nn.Module) and not isinstance(ln_k, nn.Identity):
@@ -268,6 +281,7 @@ class OpenClipViTAdapter:
             v_bias=v_bias,
             captures=[CapturePoint(attn, "input", "attn_in")],
             qkv=qkv,
+            qkv_rows=qkv_rows,
         )
 
     def _block(self, i: int, blk: Any, transformer_batch_first: bool | None, layout: _Layout) -> BlockMap:

@@ -255,8 +255,11 @@ def _run(
             plan = st.plan
             assert plan is not None
             blk = vmap.blocks[layer]
-            q, k, v = (t.to(dt) for t in blk.attn.qkv(caps))
-            q_rows = q.index_select(2, plan.support)
+            if blk.attn.qkv_rows is not None:
+                q_rows, k, v = (t.to(dt) for t in blk.attn.qkv_rows(caps, plan.support))
+            else:
+                q, k, v = (t.to(dt) for t in blk.attn.qkv(caps))
+                q_rows = q.index_select(2, plan.support)
             alpha = torch.softmax((q_rows @ k.transpose(-1, -2)) * blk.attn.scale, dim=-1)  # [B,H,|S|,N]
             if bias_mode != "anchor" and blk.attn.v_bias is not None:
                 v = v - blk.attn.v_bias.detach().to(dt)[None, :, None, :]
