@@ -158,10 +158,13 @@ def decompose_vit_parts(vmap: ViTMap, pixels: torch.Tensor, **options: Any) -> I
     yield None
     n_parts = len(prep.groups)
     n_total = prep.n_rows
-    for index, group in enumerate(prep.groups):
+    groups, prep.groups = prep.groups, []
+    for index in range(n_parts):
+        group, groups[index] = groups[index], []  # a delivered block's pooled values are freed
         n = sum(len(item.labels) for item in group)
         values = prep.alloc(n)
         labels = prep.fill(group, values)
+        del group
         meta = dict(prep.meta, part=index, n_parts=n_parts, n_components_total=n_total)
         part = prep.stack(values, labels, meta)
         del values
@@ -219,10 +222,9 @@ def _run(
             return rows.squeeze(1) @ out_map[0]
         return torch.einsum("br...d,rdk->b...k", rows, out_map)
 
-    # token stacks: per-head maps [R, H, dh, k] for the expansion over source tokens
-    head_maps: dict[int, torch.Tensor] = {}
-    if tokens:
-        head_maps = {l: torch.einsum("hde,rek->rhdk", w_out_ls[l], out_map) for l in range(s0, n_layers)}
+    def head_map(layer: int) -> torch.Tensor:
+        """Token stacks: per-head maps ``[R, H, dh, k]`` (built when the block's rows are written)."""
+        return torch.einsum("hde,rek->rhdk", w_out_ls[layer], out_map)
 
     st = _Pass()
 
@@ -424,7 +426,7 @@ def _run(
     first = _place_rows(first_w, st.x_in, tokens)
     groups: list[list[_Item]] = [[_Item([ComponentLabel("embed" if s0 == 0 else "rest")], lambda d: finish(first, d[0]))]]
     for layer in range(s0, n_layers):
-        groups.append(_block_items(layer, st.layers.pop(layer), granularity, bias_mode, finish, head_maps, scale, n_tok))
+        groups.append(_block_items(layer, st.layers.pop(layer), granularity, bias_mode, finish, head_map, scale, n_tok))
     tail: list[_Item] = []
     if pool_mlp is not None:
         pool_row = pool_mlp_out * scale[:, None]
@@ -475,7 +477,7 @@ def _block_items(
     granularity: str,
     bias_mode: str,
     finish: Callable[[torch.Tensor, torch.Tensor], None],
-    head_maps: dict[int, torch.Tensor],
+    head_map: Callable[[int], torch.Tensor],
     scale: torch.Tensor,
     n_tok: int,
 ) -> list[_Item]:
@@ -487,7 +489,7 @@ def _block_items(
     def heads_into(dest: torch.Tensor) -> None:
         """``dest [H, B, (N,) k]``: the heads' rows, with the layer constant folded in if asked."""
         if tokens:
-            _expand_token_heads(out.beta, out.v, head_maps[layer], scale, dest)  # type: ignore[arg-type]
+            _expand_token_heads(out.beta, out.v, head_map(layer), scale, dest)  # type: ignore[arg-type]
         else:
             dest.copy_(out.heads.movedim(1, 0) * scale.view(1, -1, 1))  # type: ignore[union-attr]
         if fold_bias:  # the layer's constant, shared equally by its H heads (H*N cells for tokens)
