@@ -59,10 +59,20 @@ class _LayerOut:
     heads: torch.Tensor | None = None  # [B, H, k] in the output basis (head/layer granularity)
     beta: torch.Tensor | None = None  # [B, R, H, N] pooled patterns (token stacks)
     v: torch.Tensor | None = None  # [B, H, N, dh] values without bias (token stacks)
-    bias: torch.Tensor | None = None  # [B, R, d] / tokens: [B, R, |S|, d]
-    mlp: torch.Tensor | None = None  # [B, R, d] / tokens: [B, R, |S|, d]
+    bias: _Placed | None = None  # the attention constants at the pooled positions
+    mlp: _Placed | None = None  # the MLP writes at the pooled positions
     neurons: torch.Tensor | None = None  # [B, n, k] in the output basis
-    mlp_bias: torch.Tensor | None = None  # [B, R, d]
+    mlp_bias: _Placed | None = None
+
+
+@dataclass
+class _Placed:
+    """Writes at the pooled positions, weighted lazily: ``omega [B, R, |S|]`` times either a
+    constant ``data [d]`` (``const``) or per-position rows ``data [B, |S|, d]``."""
+
+    omega: torch.Tensor
+    data: torch.Tensor
+    const: bool
 
 
 @dataclass
@@ -405,9 +415,17 @@ def _run(
     n_tok = plan.n_tokens
     scale_b = scale.view(batch, 1, 1) if tokens else scale.view(batch, 1)
 
-    def finish(rows: torch.Tensor, dest: torch.Tensor) -> None:
-        """Token-side rows ``[B, R, d]`` (tokens: ``[B, R, |S|, d]``) -> ``dest [B, (N,) k]``."""
-        out = to_output(rows) * scale_b
+    def finish(placed: _Placed, dest: torch.Tensor) -> None:
+        """Pooled-position writes through the readout -> ``dest [B, (N,) k]`` (times the scale)."""
+        om = placed.omega
+        if placed.const:  # sum_r omega_{b,r,s} (vec A_r): map the constant once per route
+            vec_map = torch.einsum("d,rdk->rk", placed.data, out_map)
+            out = torch.einsum("brs,rk->bsk", om, vec_map) if tokens else torch.einsum("brs,rk->bk", om, vec_map)
+        elif tokens:
+            out = to_output(om[..., None] * placed.data[:, None])  # [B, |S|, k]
+        else:
+            out = to_output(torch.einsum("brs,bsd->brd", om, placed.data))
+        out = out * scale_b
         if tokens:
             dest.zero_()
             dest[:, plan.support] = out
@@ -476,7 +494,7 @@ def _block_items(
     out: _LayerOut,
     granularity: str,
     bias_mode: str,
-    finish: Callable[[torch.Tensor, torch.Tensor], None],
+    finish: Callable[[_Placed, torch.Tensor], None],
     head_map: Callable[[int], torch.Tensor],
     scale: torch.Tensor,
     n_tok: int,
@@ -575,21 +593,15 @@ def _attn_bias(blk: BlockMap, bias_mode: str, dt: torch.dtype) -> torch.Tensor |
     return total
 
 
-def _place(omega: torch.Tensor, vec: torch.Tensor | None, tokens: bool) -> torch.Tensor | None:
-    """A constant write ``vec [d]`` at every pooled position, weighted by ``omega [B, R, |S|]``:
-    ``[B, R, d]``, or per pooled position ``[B, R, |S|, d]`` for token stacks."""
-    if vec is None:
-        return None
-    if not tokens:
-        return omega.sum(-1)[..., None] * vec
-    return omega[..., None] * vec
+def _place(omega: torch.Tensor, vec: torch.Tensor | None, tokens: bool) -> _Placed | None:
+    """A constant write ``vec [d]`` at every pooled position, weighted by ``omega [B, R, |S|]``."""
+    return None if vec is None else _Placed(omega, vec, const=True)
 
 
-def _place_rows(omega: torch.Tensor, rows: torch.Tensor, tokens: bool) -> torch.Tensor:
-    """Per-position writes ``rows [B, |S|, d]`` pooled per route: ``[B, R, d]`` (tokens: kept
-    per pooled position, ``[B, R, |S|, d]``; scattered to all N tokens after the readout map)."""
-    weighted = omega[..., None] * rows[:, None]  # [B, R, |S|, d]
-    return weighted if tokens else weighted.sum(2)
+def _place_rows(omega: torch.Tensor, rows: torch.Tensor, tokens: bool) -> _Placed:
+    """Per-position writes ``rows [B, |S|, d]`` weighted by ``omega [B, R, |S|]`` (kept per
+    pooled position for token stacks; scattered to all N tokens after the readout map)."""
+    return _Placed(omega, rows, const=False)
 
 
 def _token_info(vmap: ViTMap, pixels: torch.Tensor, n_tokens: int) -> TokenInfo:
