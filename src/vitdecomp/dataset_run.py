@@ -178,7 +178,8 @@ def decompose_dataset(
                 _save_chunk_stats(store, index, stack, stats_directions)
             else:
                 _save_chunk_stats(store, index, None, stats_directions, comp=comp_shape)
-            store.write_chunk(index, stack, batch.ids, batch.skipped, seconds=time.perf_counter() - t0, rank=rank)
+            store.write_chunk(index, stack, batch.ids, batch.skipped, seconds=time.perf_counter() - t0, rank=rank,
+                              targets=batch.labels)
             run.chunks_done.append(index)
             run.images += int(batch.valid.sum())
             run.skipped.update(batch.skipped)

@@ -8,6 +8,7 @@ Layout of a store directory ``STORE/``::
     reference/                [n_items, d]                  float32, NaN where skipped
     valid/                    [n_items]                     bool
     ids/                      [n_items]                     variable-length UTF-8 strings
+    targets/                  [n_items]                     int64 class label, -1 unknown/skipped
     done/NNNNNN.json          completion record of chunk NNNNNN (see below)
     stats/NAME/rankRRRRR.npz  saved :class:`RunningMoments`, with the chunks they cover
     manifest.json             written by :meth:`ComponentStore.finalize`
@@ -360,6 +361,7 @@ class ComponentStore:
                            dtype="float32", fill_value=np.nan, **common)
         group.create_array("valid", shape=(n,), chunks=(bs,), dtype="bool", fill_value=False, **common)
         group.create_array("ids", shape=(n,), chunks=(bs,), dtype=str, **common)
+        group.create_array("targets", shape=(n,), chunks=(bs,), dtype="int64", fill_value=-1, **common)
         (tmp / "done").mkdir()
         (tmp / "stats").mkdir()
 
@@ -457,6 +459,7 @@ class ComponentStore:
         *,
         seconds: float | None = None,
         rank: int = 0,
+        targets: Sequence[int | None] | None = None,
     ) -> dict[str, Any]:
         """Write chunk ``index`` (rows ``chunk_rows(index)``) and record it as done.
 
@@ -470,6 +473,8 @@ class ComponentStore:
                 ``valid=False``, and the reason goes into the record and the manifest.
             seconds: compute time of this chunk (decoding + model), for the manifest.
             rank: the writer's rank, recorded for the manifest.
+            targets: one class label per row (None or -1: unknown), stored for accuracy and
+                per-class statistics; default all unknown.
 
         Returns:
             The completion record written to ``done/{index:06d}.json``.
@@ -513,6 +518,13 @@ class ComponentStore:
         self._array("reference")[sl] = ref
         self._array("valid")[sl] = valid
         self._array("ids")[sl] = np.array(ids, dtype=object) if ids else np.array([], dtype=str)
+        if targets is not None:
+            if len(targets) != len(rows):
+                raise InputError(f"chunk {index} has {len(rows)} rows but {len(targets)} targets were given")
+            tgt = np.array([-1 if t is None else int(t) for t in targets], dtype=np.int64)
+            tgt[~valid] = -1
+            if "targets" in self._group:
+                self._array("targets")[sl] = tgt
         write_s = time.perf_counter() - t0
         record = {
             "index": index,
@@ -678,6 +690,39 @@ class ComponentStore:
         out = StoreRows(torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(np.ascontiguousarray(ref)),
                         torch.from_numpy(np.ascontiguousarray(valid)), ids)
         return self._to_stack(out, idx) if as_stack else out
+
+    def targets(self, rows: slice | int | Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+        """Class labels of ``rows`` (int64, -1 where unknown or skipped; all -1 for stores
+        written before targets were recorded)."""
+        idx = self._row_index(rows)
+        if "targets" not in self._group or idx.size == 0:
+            return np.full(idx.size, -1, dtype=np.int64)
+        return np.asarray(self._array("targets").oindex[idx], dtype=np.int64)
+
+    def accuracy(self, class_directions: torch.Tensor, *, chunks: Sequence[int] | None = None) -> dict[str, Any]:
+        """Zero-shot / linear accuracy of the stored representations: ``argmax_c <z, w_c>`` against
+        the stored targets, over valid rows with a known target of done chunks (one chunk in memory).
+
+        Args:
+            class_directions: ``[n_classes, d]`` class directions in the store's space (text
+                embeddings for zero-shot, or a classifier's weights).
+        """
+        import torch
+
+        todo = self.done_chunks() if chunks is None else sorted(int(c) for c in chunks)
+        w = class_directions.detach().to(torch.float64).cpu()
+        correct = total = 0
+        for index in todo:
+            r = self.chunk_rows(index)
+            tgt = self.targets(slice(r.start, r.stop))
+            keep = tgt >= 0
+            if not keep.any():
+                continue
+            ref = torch.from_numpy(np.asarray(self._array("reference")[r.start : r.stop])[keep]).to(torch.float64)
+            pred = (ref @ w.T).argmax(-1).numpy()
+            correct += int((pred == tgt[keep]).sum())
+            total += int(keep.sum())
+        return {"accuracy": correct / total if total else None, "n": total, "correct": correct}
 
     def _to_stack(self, data: StoreRows, rows: np.ndarray) -> ComponentStack:
         import torch

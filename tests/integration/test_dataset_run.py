@@ -20,7 +20,7 @@ from vitdecomp.dataset_run import decompose_dataset, load_chunk_stats
 from vitdecomp.store import ComponentStore, StoreMismatchError
 
 MODEL = "timm:test_vit"
-ARRAYS = ("components", "reference", "valid", "ids")
+ARRAYS = ("components", "reference", "valid", "ids", "targets")
 
 
 def make_folder(root: Path, n_per_class: int = 5, corrupt: bool = True) -> Path:
@@ -81,6 +81,14 @@ def test_store_holds_exactly_what_decompose_returns(model, tmp_path):
         got = rows.values[sl][batch.valid]
         torch.testing.assert_close(got, stack.values.movedim(1, 0), rtol=0, atol=0)
         assert torch.isnan(rows.values[sl][~batch.valid]).all()
+    # class labels from the folders are stored (-1 for skipped rows), and accuracy reads them
+    targets = store.targets(slice(0, store.n_items))
+    assert targets.tolist() == [-1 if i in reasons else source.label(k) for k, i in enumerate(rows.ids)]
+    w = torch.randn(2, rows.reference.shape[-1], generator=torch.Generator().manual_seed(0))
+    acc = store.accuracy(w)
+    ref = rows.reference[rows.valid].double()
+    expect = ((ref @ w.double().T).argmax(-1).numpy() == targets[rows.valid.numpy()]).mean()
+    assert acc["n"] == 10 and acc["accuracy"] == pytest.approx(expect)
     # the merged in-pass statistics are the mean over valid images of the exact values
     moments, chunks = store.load_moments("moments")
     assert chunks == list(range(store.n_chunks)) and moments.count == 10
