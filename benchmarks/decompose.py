@@ -66,6 +66,11 @@ CONFIGS: dict[str, tuple[dict[str, Any] | None, str]] = {
         "vd.iter_decompose granularity='head_token', directions=K, each block's part reduced to a "
         "[batch, token, K] heatmap as it arrives (the whole result is never held)",
     ),
+    "head_token_dirs_last2": (
+        {"granularity": "head_token", "directions": "K", "start_layer": -2},
+        "decompose granularity='head_token', directions=K, last 2 blocks only (Swin: its token grid is "
+        "the last stage's)",
+    ),
     "head_token_last4": (
         {"granularity": "head_token", "start_layer": -4},
         "decompose granularity='head_token', start_layer=-4, no directions",
