@@ -170,7 +170,7 @@ class ComponentStack:
 
         total = torch.zeros(self.reference.shape, dtype=torch.float64, device=self.values.device)
         row = max(1, self.values[0].numel()) if len(self.values) else 1
-        for chunk in self.values.split(max(1, 2**22 // row)):  # bounded memory: <= 32 MiB of float64 at a time
+        for chunk in self.values.split(max(1, 2**20 // row)):  # bounded memory: <= 8 MiB of float64 at a time
             part = chunk.to(torch.float64).sum(dim=0)
             total += part.sum(dim=1) if self.has_tokens else part
         return total
