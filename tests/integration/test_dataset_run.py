@@ -210,3 +210,24 @@ def test_token_stacks_and_covariance_statistics(model, tmp_path):
     expect = np.stack([np.cov(proj[:, c].numpy().T) for c in range(proj.shape[1])])
     np.testing.assert_allclose(cov.covariance, expect, rtol=1e-5, atol=1e-8)
     assert set(load_chunk_stats(store, 0)) == {"mean", "cov"}
+
+
+def test_synthetic_waterbirds_end_to_end_through_the_cli(tmp_path):
+    """`vitdecomp synth generate --spurious` writes a Waterbirds root that `decompose --out` reads
+    (kind detected, test split only), storing the class label y as the target."""
+    from vitdecomp.cli.main import main
+
+    root = tmp_path / "wb"
+    assert main(["synth", "generate", str(root), "--n", "24", "--spurious", "0.9", "--seed", "3", "-q"]) == 0
+    assert main(["synth", "generate", str(root), "--n", "24", "-q"]) == 2  # refuses to overwrite
+    assert main(["synth", "-q"]) == 2  # no action: help, bad-input exit code
+    store_path = tmp_path / "wb.zarr"
+    code = main(["decompose", MODEL, "--no-pretrained", str(root), "--split", "test", "--out", str(store_path),
+                 "--batch-size", "4", "-q"])
+    assert code == 0
+    store = ComponentStore.open(store_path)
+    source = open_dataset(root, split="test")
+    assert source.name == "waterbirds" and store.n_items == len(source) > 0
+    assert store.config.extra["dataset"] == source.fingerprint()
+    assert store.targets(slice(0, store.n_items)).tolist() == [source.label(i) for i in range(len(source))]
+    assert store.manifest()["complete"]
