@@ -231,3 +231,13 @@ def test_synthetic_waterbirds_end_to_end_through_the_cli(tmp_path):
     assert store.config.extra["dataset"] == source.fingerprint()
     assert store.targets(slice(0, store.n_items)).tolist() == [source.label(i) for i in range(len(source))]
     assert store.manifest()["complete"]
+
+
+def test_decoding_workers_write_the_same_store(model, tmp_path):
+    data = make_folder(tmp_path / "data", n_per_class=4)
+    plain = decompose_dataset(model, data, tmp_path / "a.zarr", batch_size=3, progress=False)
+    workers = decompose_dataset(model, open_dataset(data), tmp_path / "b.zarr", batch_size=3, progress=False,
+                                num_workers=2)
+    assert plain.manifest["complete"] and workers.manifest["complete"]
+    assert chunk_files(tmp_path / "a.zarr") == chunk_files(tmp_path / "b.zarr")
+    assert workers.skipped == plain.skipped and len(workers.skipped) == 2
