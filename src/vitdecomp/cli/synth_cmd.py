@@ -1,4 +1,5 @@
-"""``vitdecomp synth generate OUT``: write a synthetic dataset with known factors and exact masks."""
+"""``vitdecomp synth generate OUT``: write a synthetic dataset with known factors and exact masks;
+``vitdecomp synth train {clip,vit,spurious} --out DIR``: train a tiny model on generated scenes."""
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,36 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     g.add_argument("--objects", type=int, choices=(1, 2), default=1, help="objects per image")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier generated dataset in OUT")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    t = actions.add_parser(
+        "train",
+        parents=parents,
+        help="train a tiny model (CLIP, supervised ViT, or spurious-cue classifier) on generated scenes",
+        description="Train a tiny model on scenes generated on the fly (or on the train split of --data) and "
+        "write OUT/{model weights}.safetensors plus OUT/tiny_model.json (architecture, seed, steps, held-out "
+        "accuracy). clip: open_clip CLIP, contrastive on full and partial captions (OUT is also an open_clip "
+        "local-dir model); vit: timm ViT classifying --task; spurious: timm ViT on the binary task whose class "
+        "matches the water/land background with probability --spurious. Deterministic given --seed.",
+    )
+    t.add_argument("model", choices=("clip", "vit", "spurious"), help="which tiny model")
+    t.add_argument("--out", type=Path, required=True, help="output folder")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=2000, help="optimisation steps (default 2000)")
+    t.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    t.add_argument("--task", default="shape", help="the factor to classify (vit, spurious) or to report (clip)")
+    t.add_argument("--spurious", type=float, default=0.95, help="spurious: P(background matches class) in training")
+    t.add_argument("--data", type=Path, help="train on this generated dataset's train split instead")
+    t.add_argument("--n-images", type=int, help="cap the pool of generated training scenes")
+    t.add_argument("--eval-n", type=int, default=500, help="held-out scenes for the accuracy (0: skip)")
+    t.add_argument("--json", action="store_true", help="print the sidecar as JSON")
     p.set_defaults(run=run, parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "synth_command", None) != "generate":
+    command = getattr(args, "synth_command", None)
+    if command == "train":
+        return _train(args)
+    if command != "generate":
         args.parser.print_help()
         return 2
     from ..synth import generate_dataset
@@ -55,4 +81,36 @@ def run(args: argparse.Namespace) -> int:
         splits = ", ".join(f"{name} {info['n']}" for name, info in summary["splits"].items()) if "splits" in summary else ""
         sys.stdout.write(f"wrote {args.n} images to {args.out} ({summary.get('kind', 'folder')}; {splits})\n")
         sys.stdout.write(f"classes: {', '.join(map(str, summary.get('classes', [])))}\n")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    common = dict(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr, out_path=args.out,
+                  n_images=args.n_images, task=args.task, eval_n=args.eval_n)
+    if args.model == "clip":
+        from ..synth.train import train_clip
+
+        _, info = train_clip(args.data, **common)
+    else:
+        from ..synth.train import train_classifier
+
+        spurious = args.spurious if args.model == "spurious" else None
+        _, info = train_classifier(args.data, spurious=spurious, **common)
+    if args.json:
+        sys.stdout.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        return 0
+    sys.stdout.write(f"trained tiny {args.model} ({args.steps} steps, seed {args.seed}, {info['train_seconds']} s, "
+                     f"final loss {info['final_loss']}) -> {args.out}\n")
+    if "accuracy" in info:
+        line = f"held-out accuracy ({info['task']}): {info['accuracy']:.3f}"
+        if info.get("zero_shot_accuracy"):
+            line += " | zero-shot " + ", ".join(f"{f} {a:.3f}" for f, a in info["zero_shot_accuracy"].items())
+        if info.get("eval", {}).get("worst_group_accuracy") is not None:
+            line += f" | worst group {info['eval']['worst_group_accuracy']:.3f}"
+        sys.stdout.write(line + "\n")
     return 0
