@@ -35,6 +35,8 @@ _EXPORTS = {
                   "partial_captions", "describe", "sample_scene"),
     "dataset": ("SPLITS", "SPURIOUS_CLASSES", "SPURIOUS_GROUPS", "PLACES", "generate_dataset", "read_factors",
                 "read_masks"),
+    "tiny": ("build_tiny_clip", "build_tiny_vit", "save_tiny", "load_tiny"),
+    "train": ("train_clip", "train_classifier", "evaluate_clip", "evaluate_classifier"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
