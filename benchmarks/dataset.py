@@ -41,9 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,9 +50,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decompose import _peak_rss_mib, _reset_peak_rss, _rss_mib, _trim, machine_info  # noqa: E402
+from decompose import RESULT_TAG, _peak_rss_mib, _reset_peak_rss, _rss_mib, _trim, launch, machine_info  # noqa: E402
 
-RESULT_TAG = "BENCH_RESULT "
 SEED = 20240601
 DATA_VERSION = 1  # bump when the generator changes (invalidates cached data sets)
 MARKER = ".vitdecomp-bench-data.json"  # hidden: ImageFolder skips it
@@ -302,22 +299,6 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- parent
 
 
-def launch(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run this script with ``--child SPEC``; its result, or ``{"failed": why}``."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
-    env = dict(os.environ)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"failed": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG) :])
-    lines = (proc.stderr or proc.stdout).strip().splitlines()
-    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
-    why = errors[-1] if errors else " | ".join(lines[-3:])
-    return {"failed": f"exit {proc.returncode}: {why}"}
 
 
 def _fmt(v: Any, spec: str, width: int) -> str:
@@ -439,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         t = time.perf_counter()
         try:
-            r = launch(spec, args.timeout)
+            r = launch(spec, args.timeout, script=__file__)
         finally:
             if args.keep_store:
                 print(f"  N={n}: store kept at {tmp / 'store.zarr'}", flush=True)

@@ -439,9 +439,9 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
     return info
 
 
-def launch(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run this script with ``--child SPEC``; its result, or ``{"failed": why}``."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+def launch(spec: dict[str, Any], timeout: float, script: str = __file__) -> dict[str, Any]:
+    """Run ``script`` (default this one) with ``--child SPEC``; its result, or ``{"failed": why}``."""
+    cmd = [sys.executable, os.path.abspath(script), "--child", json.dumps(spec)]
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     try:
