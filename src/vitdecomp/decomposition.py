@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InputError
-from .stack import ComponentStack, default_rtol
+from .stack import ComponentStack, check_error, default_rtol, relative_error
 
 if TYPE_CHECKING:
     import torch
@@ -152,15 +152,7 @@ def iter_decompose(
         yield part
         del part
     if check and total is not None and reference is not None:
-        ref = reference.to(torch.float64)
-        err = float(((total - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)).max())
-        if not err <= tol:
-            from .errors import DecompositionError
-
-            raise DecompositionError(
-                f"the parts sum to the reference only to relative error {err:.3g} (tolerance {tol:.1g}); "
-                f"model {m.name}. This is a bug or an unsupported module: please report it with the model name."
-            )
+        check_error(relative_error(total, reference), tol, m.name)
 
 
 def _arguments(

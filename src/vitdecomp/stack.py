@@ -40,7 +40,7 @@ from .labels import ComponentLabel, parse_label
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ComponentStack", "TokenInfo", "default_rtol"]
+__all__ = ["ComponentStack", "TokenInfo", "default_rtol", "relative_error", "check_error"]
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +177,7 @@ class ComponentStack:
 
     def error(self) -> float:
         """Max over images of ``||total - reference||_2 / ||reference||_2``."""
-        import torch
-
-        ref = self.reference.to(torch.float64)
-        diff = (self.total() - ref).norm(dim=-1)
-        scale = ref.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
-        return float((diff / scale).max()) if ref.shape[0] else 0.0
+        return relative_error(self.total(), self.reference)
 
     def check(self, rtol: float | None = None) -> ComponentStack:
         """Raise :class:`DecompositionError` if ``error() > rtol``; return self otherwise.
@@ -192,13 +187,7 @@ class ComponentStack:
                 (1e-5 for fp32, 1e-10 for fp64).
         """
         rtol = rtol if rtol is not None else float(self.meta.get("rtol", 1e-5))
-        err = self.error()
-        if not err <= rtol:  # also catches NaN
-            raise DecompositionError(
-                f"components sum to the reference only to relative error {err:.3g} "
-                f"(tolerance {rtol:.1g}); model {self.meta.get('model', '?')}. "
-                "This is a bug or an unsupported module: please report it with the model name."
-            )
+        check_error(self.error(), rtol, self.meta.get("model", "?"))
         return self
 
     # ------------------------------------------------------------- selection
@@ -436,3 +425,27 @@ _GROUPERS: dict[str, Callable[[ComponentLabel], ComponentLabel]] = {
     "layer": _by_layer,
     "attn_mlp": _by_attn_mlp,
 }
+
+
+def relative_error(total: torch.Tensor, reference: torch.Tensor) -> float:
+    """Max over images of ``||total - reference||_2 / ||reference||_2`` (float64; 0 for no images).
+
+    Args:
+        total: summed components ``[batch, d]``; reference: the model's output ``[batch, d]``.
+    """
+    import torch
+
+    ref = reference.to(torch.float64)
+    diff = (total.to(torch.float64) - ref).norm(dim=-1)
+    scale = ref.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    return float((diff / scale).max()) if ref.shape[0] else 0.0
+
+
+def check_error(err: float, rtol: float, model: str) -> None:
+    """Raise :class:`DecompositionError` when ``err > rtol`` (or NaN)."""
+    if not err <= rtol:  # also catches NaN
+        raise DecompositionError(
+            f"components sum to the reference only to relative error {err:.3g} "
+            f"(tolerance {rtol:.1g}); model {model}. "
+            "This is a bug or an unsupported module: please report it with the model name."
+        )
