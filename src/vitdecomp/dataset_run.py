@@ -230,12 +230,9 @@ def _save_chunk_stats(
     comp: Sequence[int] | None = None,
 ) -> None:
     """Moments of one chunk (valid rows, tokens summed, float64) saved atomically before its done record."""
-    import os
-    import uuid
-
     import numpy as np
 
-    from .store import RunningMoments
+    from .store import RunningMoments, atomic_savez
 
     parts: dict[str, RunningMoments] = {}
     if stack is not None:
@@ -255,9 +252,7 @@ def _save_chunk_stats(
         state.update({f"{name}.{k}": v for k, v in moments.state_dict().items()})
     path = _chunk_stats_path(store, index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")
-    np.savez(tmp, **state)
-    os.replace(tmp, path)
+    atomic_savez(path, state)
 
 
 def load_chunk_stats(store: ComponentStore, index: int) -> dict[str, RunningMoments]:

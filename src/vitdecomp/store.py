@@ -229,6 +229,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_savez(path: Path, arrays: Mapping[str, Any]) -> None:
+    """``np.savez`` to a private temp file in the same folder, then ``os.replace`` onto ``path``."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def _finite(x: float) -> float | None:
     return x if np.isfinite(x) else None
 
@@ -804,12 +811,10 @@ class ComponentStore:
         folder = self.path / "stats" / name
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"rank{rank:05d}.npz"
-        tmp = folder / f".rank{rank:05d}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
         state = moments.state_dict()
         state["chunks"] = np.asarray(sorted(int(c) for c in chunks), dtype=np.int64)
         state["config_hash"] = np.asarray(self.config.hash())
-        np.savez(tmp, **state)  # type: ignore[arg-type]
-        os.replace(tmp, path)
+        atomic_savez(path, state)
         return path
 
     def load_moments(self, name: str) -> tuple[RunningMoments, list[int]]:
