@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import InputError
 from .dataset import PLACES, SPURIOUS_CLASSES, SPURIOUS_GROUPS, read_factors
 from .generator import SCENE_FACTORS, VOCABULARY, Scene, _factor, _pick, caption, describe, render_array, sample_scene
-from .tiny import CLIP_CONFIG, VIT_CONFIG, build_tiny_clip, build_tiny_vit, image_stats, save_tiny
+from .tiny import CLIP_CONFIG, VIT_CONFIG, build_tiny_clip, build_tiny_vit, image_stats, round_to_storage, save_tiny
 
 if TYPE_CHECKING:
     import torch
@@ -250,6 +250,7 @@ def train_clip(
     losses = _run(model, steps, lr, weight_decay, loss_at, "clip")
     with torch.no_grad():
         model.logit_scale.clamp_(0, math.log(100))
+    round_to_storage(model)
     seconds = time.perf_counter() - start
     info: dict[str, Any] = {
         "kind": "clip", "architecture": cfg, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
@@ -348,6 +349,7 @@ def train_classifier(
     kind = "vit" if groups is None else "spurious"
     start = time.perf_counter()
     losses = _run(model, steps, lr, weight_decay, loss_at, kind)
+    round_to_storage(model)
     info: dict[str, Any] = {
         "kind": kind, "architecture": dict(config or VIT_CONFIG), "num_classes": len(classes), "classes": classes,
         "task": task, "groups": groups, "spurious": p, "seed": seed, "steps": steps, "batch_size": batch_size,

@@ -1,0 +1,363 @@
+"""Ground-truth benchmark of the synthetic world (``vitdecomp synth bench``).
+
+Every image of the synthetic world has known factors (shape, colour, pattern, size, position,
+background) and exact object masks, so the claims of the method can be measured instead of shown:
+
+* **Components per factor.** A tiny CLIP's head-level decomposition ``z = sum_i c_i`` is scored
+  per factor with the streamed correlation score of :mod:`vitdecomp.score` (METHOD §4; the
+  factor's texts are :func:`~vitdecomp.synth.generator.describe` phrases). *Factor agreement*:
+  zero-shot accuracy of the factor read from the sum of the top-k components alone, against the
+  full representation, the top-k components of the *other* factors and k random components.
+* **Retrieval by feature** (METHOD §6.3): precision@10 of image -> image retrieval (cosine of
+  ``z_p(x) = sum_{i in top-k selective} c_i(x)``) where a hit shares the query's value of the
+  factor, against the full representation and k random components.
+* **Zero-shot segmentation** (METHOD §6.5 metrics): the decomposition's token map
+  ``m_t = <sum_i c_{i,t}, y_pred - mean_c y_c>`` over the shape texts against the exact
+  object masks, against raw last-layer attention and attention rollout in the same harness.
+* **Spurious cue** (METHOD §6.6): the tiny classifier trained on the background-correlated split;
+  components selected on a *val* set by how much their logit contribution tracks the place
+  rather than the class (``|r(l_i, place)| - |r(l_i, y)|``; place and y are Waterbirds metadata);
+  mean-ablated with val means; worst-group and average-group accuracy on a separate *test* set,
+  against random components of the same count (mean ± sd and max over draws).
+
+Scenes come from their own seed stream (:data:`BENCH_SEED`), disjoint from training and from
+the held-out evaluation of :mod:`vitdecomp.synth.train`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .generator import SCENE_FACTORS, VOCABULARY, Scene, describe, render_array, sample_scene
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model import Model
+    from ..stack import ComponentStack
+
+__all__ = ["BENCH_SEED", "BenchConfig", "Sample", "make_sample", "factor_values", "decompose_sample",
+           "factor_texts", "component_scores", "factor_agreement", "retrieval_precision", "segmentation_bench",
+           "spurious_bench", "run_clip_bench"]
+
+log = logging.getLogger(__name__)
+
+#: Seed of the benchmark's scenes (its own stream).
+BENCH_SEED = 424_242
+
+
+@dataclass
+class BenchConfig:
+    """Sizes of the benchmark; the defaults run in a few minutes on a 2-core CPU."""
+
+    n_images: int = 600
+    top_k: int = 3
+    n_queries: int = 200
+    precision_at: int = 10
+    n_random: int = 10
+    n_segment: int = 100
+    n_spurious: int = 600
+    batch_size: int = 100
+    seed: int = BENCH_SEED
+
+
+@dataclass
+class Sample:
+    """Rendered scenes: ``images`` uint8 ``[n, 64, 64, 3]``, ``masks`` bool ``[n, 64, 64]`` (all objects)."""
+
+    scenes: list[Scene]
+    images: np.ndarray
+    masks: np.ndarray
+    labels: list[int] = field(default_factory=list)
+
+
+def make_sample(n: int, seed: int, stream: int = 7, labeller: Any = None) -> Sample:
+    """``n`` one-object scenes, scene ``k`` from ``default_rng([seed, stream, k])`` (or ``labeller(rng)``)."""
+    scenes, labels, images, masks = [], [], [], []
+    for k in range(n):
+        rng = np.random.default_rng([seed, stream, k])
+        scene, label = labeller(rng) if labeller is not None else (sample_scene(rng), -1)
+        image, object_masks = render_array(scene)
+        scenes.append(scene)
+        labels.append(label)
+        images.append(image)
+        masks.append(np.logical_or.reduce(object_masks))
+    return Sample(scenes, np.stack(images), np.stack(masks), labels)
+
+
+def factor_values(scenes: Sequence[Scene], factor: str) -> np.ndarray:
+    """Index of each scene's value of ``factor`` in ``VOCABULARY[factor]``: int ``[n]``."""
+    values = VOCABULARY[factor]
+    return np.array([values.index(s.background if factor == "background" else getattr(s.main, factor))
+                     for s in scenes])
+
+
+def _pixels(model: Model, images: np.ndarray) -> torch.Tensor:
+    import torch
+    from PIL import Image
+
+    return torch.stack([model.transform(Image.fromarray(im)) for im in images])
+
+
+def decompose_sample(model: Model, images: np.ndarray, *, batch_size: int = 100, **kwargs: Any) -> ComponentStack:
+    """Head-level decomposition of all ``images`` (batched), one stack ``[comp, n, d]`` (checked)."""
+    import torch
+
+    from ..decomposition import decompose
+    from ..stack import ComponentStack
+
+    parts = [decompose(model, _pixels(model, images[i:i + batch_size]), **kwargs)
+             for i in range(0, len(images), batch_size)]
+    first = parts[0]
+    return ComponentStack(torch.cat([p.values for p in parts], dim=1), first.labels,
+                          torch.cat([p.reference for p in parts]), first.space, first.tokens, dict(first.meta))
+
+
+def factor_texts(encoder: Any, factors: Sequence[str] = SCENE_FACTORS) -> dict[str, np.ndarray]:
+    """Unit text embeddings ``[n_values, d]`` of every factor's :func:`describe` phrases."""
+    return {f: encoder.encode([describe(f, v) for v in VOCABULARY[f]]).double().numpy() for f in factors}
+
+
+def component_scores(stack: ComponentStack, texts: dict[str, np.ndarray]) -> Any:
+    """Correlation-score table (components x factors) from streamed moments of ``stack``."""
+    from ..score import ScoreMoments, feature_basis, score_table
+
+    moments = ScoreMoments.from_stack(stack)
+    return score_table(moments, {f: feature_basis(t) for f, t in texts.items()}, kind="corr")
+
+
+def _rows(table: Any, names: Sequence[str]) -> list[int]:
+    index = {str(lab): i for i, lab in enumerate(table.labels)}
+    return [index[n] for n in names]
+
+
+def _zero_shot(z: np.ndarray, text: np.ndarray) -> np.ndarray:
+    return (z @ text.T).argmax(1)
+
+
+def _scorable(table: Any) -> np.ndarray:
+    """Rows that can be selected: every component but the constant readout bias."""
+    return np.array([str(lab) != "bias" for lab in table.labels])
+
+
+def _top(table: Any, factor: str, k: int, *, by: str = "score") -> list[int]:
+    scores = (table.selectivity() if by == "selectivity" else table)[factor].copy()
+    scores[~_scorable(table)] = -np.inf
+    return [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+def _random_sets(n_rows: int, allowed: np.ndarray, k: int, draws: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    pool = np.flatnonzero(allowed)
+    return [sorted(rng.choice(pool, size=k, replace=False).tolist()) for _ in range(draws)]
+
+
+def factor_agreement(values: np.ndarray, table: Any, texts: dict[str, np.ndarray], truth: dict[str, np.ndarray], *,
+                     k: int = 3, n_random: int = 10, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per factor: zero-shot accuracy read from the top-k components (by score) vs baselines.
+
+    ``values`` is the stack ``[comp, n, d]`` as float64 numpy. Returns, per factor, ``top_k``
+    (accuracy of ``sum_{top-k} c_i``), ``full`` (of ``z``), ``other_top_k`` (mean over the other
+    factors' top-k sets), ``random_k`` (mean and sd over random sets), ``chance``, and the
+    ``components`` chosen.
+    """
+    z = values.sum(0)
+    allowed = _scorable(table)
+    tops = {f: _top(table, f, k) for f in texts}
+    randoms = _random_sets(len(values), allowed, k, n_random, seed)
+    out: dict[str, dict[str, Any]] = {}
+    for f, text in texts.items():
+        acc = lambda rows: float(np.mean(_zero_shot(values[rows].sum(0), text) == truth[f]))  # noqa: E731
+        rand = [acc(r) for r in randoms]
+        out[f] = {
+            "components": [str(table.labels[i]) for i in tops[f]],
+            "top_k": acc(tops[f]),
+            "full": float(np.mean(_zero_shot(z, text) == truth[f])),
+            "other_top_k": float(np.mean([acc(tops[g]) for g in texts if g != f])),
+            "random_k": {"mean": float(np.mean(rand)), "sd": float(np.std(rand))},
+            "chance": 1.0 / len(text),
+        }
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _precision(features: np.ndarray, labels: np.ndarray, queries: np.ndarray, at: int) -> float:
+    f = _unit(features)
+    sims = f[queries] @ f.T
+    sims[np.arange(len(queries)), queries] = -np.inf  # never retrieve the query itself
+    nearest = np.argsort(-sims, axis=1, kind="stable")[:, :at]
+    return float(np.mean(labels[nearest] == labels[queries, None]))
+
+
+def retrieval_precision(values: np.ndarray, table: Any, truth: dict[str, np.ndarray], *, k: int = 3, at: int = 10,
+                        n_queries: int = 200, n_random: int = 10, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per factor: precision@``at`` of image retrieval with the top-k selective components vs baselines.
+
+    A retrieved image is a hit when it shares the query's value of the factor. Baselines: the
+    full representation ``z`` and random k-component sums (mean ± sd over draws); ``base_rate``
+    is the precision of a random ranking.
+    """
+    n = values.shape[1]
+    queries = np.random.default_rng([seed, 1]).choice(n, size=min(n_queries, n), replace=False)
+    randoms = _random_sets(len(values), _scorable(table), k, n_random, seed)
+    z = values.sum(0)
+    out: dict[str, dict[str, Any]] = {}
+    for f, labels in truth.items():
+        rows = _top(table, f, k, by="selectivity")
+        rand = [_precision(values[r].sum(0), labels, queries, at) for r in randoms]
+        out[f] = {
+            "components": [str(table.labels[i]) for i in rows],
+            "top_k": _precision(values[rows].sum(0), labels, queries, at),
+            "full": _precision(z, labels, queries, at),
+            "random_k": {"mean": float(np.mean(rand)), "sd": float(np.std(rand))},
+            "base_rate": float(np.mean([np.mean(labels == labels[q]) for q in queries])),
+        }
+    return out
+
+
+def segmentation_bench(model: Model, sample: Sample, shape_texts: np.ndarray, *, batch_size: int = 50) -> dict[
+        str, dict[str, float]]:
+    """Zero-shot segmentation of the objects: decomposition token map vs raw attention vs rollout.
+
+    Decomposition map (the CLIP paper's, METHOD §6.5): ``m_t = <sum_{l,h} c_{l,h,t}, y_pred -
+    mean_c y_c>`` over the shape texts, with ``pred`` the model's own zero-shot shape. Every map
+    is upsampled bilinearly to 64 px and scored with :class:`~vitdecomp.segmentation.SegmentationMetrics`
+    against the exact union of the object masks.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ..attention_maps import raw_attention, rollout
+    from ..decomposition import decompose
+    from ..heatmap import token_heatmap
+    from ..segmentation import SegmentationMetrics
+
+    texts = torch.from_numpy(shape_texts).float()
+    metrics = {name: SegmentationMetrics() for name in ("decomposition", "raw_attention", "rollout")}
+    size = sample.images.shape[1:3]
+    for i in range(0, len(sample.images), batch_size):
+        x = _pixels(model, sample.images[i:i + batch_size])
+        stack = decompose(model, x, granularity="head_token", directions=texts)  # values [comp, B, tok, V]
+        pred = stack.reference  # z projected on the shape texts: [B, V]
+        heads = [str(lab) for lab in stack.labels if lab.kind == "head"]
+        per_text = torch.stack([token_heatmap(stack, j, components=heads).patch for j in range(texts.shape[0])],
+                               dim=1)  # [B, V, gh, gw]
+        target = torch.full(pred.shape, -1.0 / texts.shape[0], dtype=per_text.dtype)
+        target[torch.arange(pred.shape[0]), pred.argmax(1)] += 1.0  # e_pred - mean_c e_c
+        decomposition_map = torch.einsum("bv,bvhw->bhw", target, per_text)
+        baselines = {"decomposition": decomposition_map, "raw_attention": raw_attention(model, x),
+                     "rollout": rollout(model, x)}
+        for name, grid in baselines.items():
+            up = F.interpolate(grid[:, None].double(), size=size, mode="bilinear", align_corners=False)[:, 0]
+            for b in range(up.shape[0]):
+                metrics[name].update(up[b].numpy(), sample.masks[i + b])
+    return {name: m.result() for name, m in metrics.items()}
+
+
+def spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], n: int = 600, k: int = 3,
+                   n_random: int = 10, seed: int = BENCH_SEED, batch_size: int = 100) -> dict[str, Any]:
+    """Remove the background cue from the tiny spurious classifier by mean-ablating components.
+
+    Val and test sets are balanced over the four (y, place) groups. Selection on val only:
+    ``s_i = |r(l_i, place)| - |r(l_i, y)|`` with ``l_i = (w_1 - w_0) . c_i(x)`` the component's
+    share of the logit difference. Ablation replaces ``c_i(x)`` by its val mean. Reports, on
+    test, worst-group / average-group (unweighted) / sample-weighted accuracy before and after,
+    and the same after ablating ``k`` random components (``n_random`` draws: mean, sd, max).
+    """
+    from .dataset import PLACES
+    from .train import _spurious_labeller
+
+    head = model.classifier()
+    if head is None:
+        from ..errors import InputError
+
+        raise InputError(f"{model.name} has no linear classifier head to debias")
+    w = head[0].detach().double().numpy()
+    b = head[1].detach().double().numpy() if head[1] is not None else np.zeros(w.shape[0])
+    labeller = _spurious_labeller(task, groups, 0.5)
+    data = {}
+    for split, stream in (("val", 11), ("test", 12)):
+        sample = make_sample(n, seed, stream, labeller)
+        stack = decompose_sample(model, sample.images, batch_size=batch_size)
+        y = np.array(sample.labels)
+        place = np.array([PLACES.index(s.background) for s in sample.scenes])
+        data[split] = (stack.values.double().numpy(), y, place, stack.labels)
+    values_val, y_val, place_val, labels = data["val"]
+    values_test, y_test, place_test, _ = data["test"]
+    diff = w[1] - w[0]
+    logit_share = values_val @ diff  # [comp, n]
+    scores = np.array([_abs_corr(l, place_val) - _abs_corr(l, y_val) for l in logit_share])
+    allowed = np.array([str(lab) != "bias" for lab in labels])
+    scores[~allowed] = -np.inf
+    chosen = [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
+    means = values_val.mean(1)  # [comp, d]
+
+    def evaluate(rows: Sequence[int]) -> dict[str, Any]:
+        v = values_test.copy()
+        v[list(rows)] = means[list(rows), None, :]
+        pred = (v.sum(0) @ w.T + b).argmax(1)
+        return _group_accuracy(pred, y_test, place_test)
+
+    rng = np.random.default_rng([seed, 13])
+    pool = np.flatnonzero(allowed)
+    random_runs = [evaluate(rng.choice(pool, size=k, replace=False).tolist()) for _ in range(n_random)]
+    wga = [r["worst_group"] for r in random_runs]
+    return {
+        "selected": [str(labels[i]) for i in chosen],
+        "selection_scores": {str(labels[i]): float(scores[i]) for i in chosen},
+        "before": evaluate([]),
+        "after": evaluate(chosen),
+        "random": {"worst_group_mean": float(np.mean(wga)), "worst_group_sd": float(np.std(wga)),
+                   "worst_group_max": float(np.max(wga)),
+                   "average_group_mean": float(np.mean([r["average_group"] for r in random_runs]))},
+        "k": k, "n_val": n, "n_test": n, "selection_split": "val", "evaluation_split": "test",
+    }
+
+
+def _abs_corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a @ a) * (b @ b))
+    return float(abs(a @ b) / den) if den > 0 else 0.0
+
+
+def _group_accuracy(pred: np.ndarray, y: np.ndarray, place: np.ndarray) -> dict[str, Any]:
+    group = 2 * y + place
+    per = {str(g): float(np.mean(pred[group == g] == y[group == g])) for g in range(4) if (group == g).any()}
+    return {"groups": per, "worst_group": min(per.values()), "average_group": float(np.mean(list(per.values()))),
+            "weighted": float(np.mean(pred == y))}
+
+
+def run_clip_bench(model: Model, config: BenchConfig | None = None) -> dict[str, Any]:
+    """The CLIP part of the benchmark: component scores, factor agreement, retrieval, segmentation."""
+    from ..text import text_encoder
+
+    cfg = config or BenchConfig()
+    start = time.perf_counter()
+    sample = make_sample(cfg.n_images, cfg.seed)
+    stack = decompose_sample(model, sample.images, batch_size=cfg.batch_size)
+    encoder = text_encoder(model)
+    texts = factor_texts(encoder)
+    table = component_scores(stack, texts)
+    truth = {f: factor_values(sample.scenes, f) for f in texts}
+    values = stack.values.double().numpy()
+    result: dict[str, Any] = {
+        "model": model.name, "n_images": cfg.n_images, "k": cfg.top_k, "n_components": len(stack.labels),
+        "decomposition_error": stack.error(),
+        "factor_agreement": factor_agreement(values, table, texts, truth, k=cfg.top_k, n_random=cfg.n_random,
+                                             seed=cfg.seed),
+        "retrieval": retrieval_precision(values, table, truth, k=cfg.top_k, at=cfg.precision_at,
+                                         n_queries=cfg.n_queries, n_random=cfg.n_random, seed=cfg.seed),
+        "scores": table.to_json(),
+    }
+    seg_sample = make_sample(cfg.n_segment, cfg.seed, stream=8)
+    result["segmentation"] = segmentation_bench(model, seg_sample, texts["shape"], batch_size=cfg.batch_size // 2)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
