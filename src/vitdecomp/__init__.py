@@ -48,11 +48,12 @@ if TYPE_CHECKING:
     from .stack import ComponentStack, TokenInfo
 
 
-_SUBMODULES = ("data", "store", "testing")
+_SUBMODULES = ("data", "store", "testing", "synth", "text", "textspan", "score", "heatmap", "attention_maps",
+               "segmentation", "report", "demo")
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:  # vd.data, vd.store: imported on first use
+    if name in _SUBMODULES:  # vd.data, vd.text, ...: imported on first use
         return import_module(f"vitdecomp.{name}")
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)

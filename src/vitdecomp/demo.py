@@ -124,7 +124,7 @@ def _synthetic(cfg: DemoConfig) -> tuple[Report, dict[str, Any]]:
     values = stack.values.double().numpy()
     results: dict[str, Any] = {
         "version": __version__, "model": clip.name, "tiny": clip.extras.get("tiny", {}).get("zero_shot_accuracy"),
-        "n_images": bench.n_images, "n_components": len(stack.labels), "components": [str(x) for x in stack.labels],
+        "n_images": bench.n_images, "k": bench.top_k, "n_components": len(stack.labels), "components": [str(x) for x in stack.labels],
         "decomposition_relative_error": stack.error(), "decompose_seconds": round(seconds_decompose, 2),
     }
     results["textspan"] = _textspan(stack, encoder, cfg.textspan_texts)
@@ -151,7 +151,7 @@ def _synthetic(cfg: DemoConfig) -> tuple[Report, dict[str, Any]]:
         _section_textspan(results),
         _section_components(table, results),
         _section_agreement(results),
-        _section_retrieval(results, sample, values, table),
+        _section_retrieval(results, sample, values, table, cfg.top_k),
         _section_heatmaps(clip, seg_sample, texts, results, cfg.n_heatmaps),
         _section_spurious(results),
     ])
@@ -237,27 +237,28 @@ def _section_components(table: Any, results: dict[str, Any]) -> Section:
 def _section_agreement(results: dict[str, Any]) -> Section:
     from .report import Section, Table
 
+    k = results["k"]
     rows = [[f, ", ".join(a["components"]), a["top_k"], a["full"], a["other_top_k"], a["random_k"]["mean"],
              a["chance"]] for f, a in results["factor_agreement"].items()]
     return Section("agreement", "Do the top components carry their factor?", [
-        "Zero-shot accuracy of each factor read from the sum of its top-3 components alone, against the "
-        "whole representation, the other factors' top-3 components and 3 random components.",
-    ], [Table(["factor", "top-3", "top-3 acc.", "full acc.", "other factors' top-3", "random 3 (mean)", "chance"],
-              rows)])
+        f"Zero-shot accuracy of each factor read from the sum of its top-{k} components alone, against the "
+        f"whole representation, the other factors' top-{k} components and {k} random components.",
+    ], [Table(["factor", f"top-{k}", f"top-{k} acc.", "full acc.", f"other factors' top-{k}", f"random {k} (mean)",
+               "chance"], rows)])
 
 
-def _section_retrieval(results: dict[str, Any], sample: Any, values: np.ndarray, table: Any) -> Section:
+def _section_retrieval(results: dict[str, Any], sample: Any, values: np.ndarray, table: Any, k: int) -> Section:
     from .report import Figure, Section, Table
     from .report.figures import image_grid
     from .synth.bench import _top, _unit
 
     rows = [[f, ", ".join(r["components"]), r["top_k"], r["full"], r["random_k"]["mean"], r["base_rate"]]
             for f, r in results["retrieval"].items()]
-    items: list[Any] = [Table(["factor", "components", "p@10 top-3", "p@10 full", "p@10 random 3", "base rate"],
+    items: list[Any] = [Table(["factor", "components", f"p@10 top-{k}", "p@10 full", f"p@10 random {k}", "base rate"],
                               rows)]
     query = 0
     for f in ("colour", "shape", "background"):
-        rows_f = _top(table, f, 3, by="selectivity")
+        rows_f = _top(table, f, k, by="selectivity")
         feats = _unit(values[rows_f].sum(0))
         sims = feats @ feats[query]
         sims[query] = -np.inf
@@ -267,7 +268,7 @@ def _section_retrieval(results: dict[str, Any], sample: Any, values: np.ndarray,
         items.append(Figure.from_pil(grid, caption=f"Nearest images by {f} components ({', '.join(str(table.labels[i]) for i in rows_f)}).",
                                      alt=f"retrieval by {f}"))
     return Section("retrieval", "Retrieval by feature", [
-        "Image-to-image retrieval with the sum of the 3 most selective components for a factor (METHOD §6.3). "
+        f"Image-to-image retrieval with the sum of the {k} most selective components for a factor (METHOD §6.3). "
         "precision@10: share of the 10 nearest images that have the query's value of the factor.",
     ], items)
 

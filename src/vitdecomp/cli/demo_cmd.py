@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         cfg.n_images = 64
     if args.n_images is not None:
-        if args.n_images < 10:
-            raise InputError("--n-images must be at least 10")
+        if args.n_images < 20:
+            raise InputError("--n-images must be at least 20")
         cfg.n_images = args.n_images
     cfg.weights = args.weights
     results = run_demo(args.out, model=args.model, images=args.images, config=cfg)

@@ -138,6 +138,11 @@ def _bench(args: argparse.Namespace) -> int:
     from ..synth.bench import BenchConfig, run_clip_bench, spurious_bench
     from ..synth.weights import load_shipped
 
+    from ..errors import InputError
+
+    for name in ("n_images", "n_segment", "n_spurious"):
+        if getattr(args, name) < 20:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 20")
     cfg = BenchConfig(n_images=args.n_images, n_segment=args.n_segment, n_spurious=args.n_spurious, top_k=args.k,
                       seed=args.seed, n_queries=min(200, args.n_images))
     clip = load_shipped("clip", args.weights)

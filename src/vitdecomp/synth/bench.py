@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BENCH_SEED", "BenchConfig", "Sample", "make_sample", "factor_values", "decompose_sample",
            "factor_texts", "component_scores", "factor_agreement", "retrieval_precision", "segmentation_bench",
-           "spurious_bench", "run_clip_bench"]
+           "spurious_bench", "run_clip_bench", "balanced_labeller"]
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,33 @@ class Sample:
 
 
 def make_sample(n: int, seed: int, stream: int = 7, labeller: Any = None) -> Sample:
-    """``n`` one-object scenes, scene ``k`` from ``default_rng([seed, stream, k])`` (or ``labeller(rng)``)."""
+    """``n`` one-object scenes, scene ``k`` from ``default_rng([seed, stream, k])``.
+
+    ``labeller(rng, k) -> (scene, label)`` draws labelled scenes instead (see :func:`balanced_labeller`).
+    """
     scenes, labels, images, masks = [], [], [], []
     for k in range(n):
         rng = np.random.default_rng([seed, stream, k])
-        scene, label = labeller(rng) if labeller is not None else (sample_scene(rng), -1)
+        scene, label = labeller(rng, k) if labeller is not None else (sample_scene(rng), -1)
         image, object_masks = render_array(scene)
         scenes.append(scene)
         labels.append(label)
         images.append(image)
         masks.append(np.logical_or.reduce(object_masks))
     return Sample(scenes, np.stack(images), np.stack(masks), labels)
+
+
+def balanced_labeller(task: str, groups: Sequence[Sequence[str]]) -> Any:
+    """Labeller of the spurious task with exactly balanced groups: item ``k`` has ``y = k % 2`` and
+    place ``(k // 2) % 2`` (0 land, 1 water), the task value drawn from class ``y``'s group."""
+    from .dataset import PLACES
+    from .generator import _pick
+
+    def label(rng: np.random.Generator, k: int) -> tuple[Scene, int]:
+        y, place = k % 2, (k // 2) % 2
+        return sample_scene(rng, fixed={task: _pick(rng, groups[y]), "background": PLACES[place]}), y
+
+    return label
 
 
 def factor_values(scenes: Sequence[Scene], factor: str) -> np.ndarray:
@@ -140,9 +156,13 @@ def _zero_shot(z: np.ndarray, text: np.ndarray) -> np.ndarray:
     return (z @ text.T).argmax(1)
 
 
+def _selectable(labels: Sequence[Any]) -> np.ndarray:
+    """Rows that can be selected: every component but the constant readout bias (``bias``)."""
+    return np.array([str(lab) != "bias" for lab in labels])
+
+
 def _scorable(table: Any) -> np.ndarray:
-    """Rows that can be selected: every component but the constant readout bias."""
-    return np.array([str(lab) != "bias" for lab in table.labels])
+    return _selectable(table.labels)
 
 
 def _top(table: Any, factor: str, k: int, *, by: str = "score") -> list[int]:
@@ -193,7 +213,7 @@ def _precision(features: np.ndarray, labels: np.ndarray, queries: np.ndarray, at
     f = _unit(features)
     sims = f[queries] @ f.T
     sims[np.arange(len(queries)), queries] = -np.inf  # never retrieve the query itself
-    nearest = np.argsort(-sims, axis=1, kind="stable")[:, :at]
+    nearest = np.argsort(-sims, axis=1, kind="stable")[:, :min(at, f.shape[0] - 1)]
     return float(np.mean(labels[nearest] == labels[queries, None]))
 
 
@@ -266,14 +286,13 @@ def spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], 
                    n_random: int = 10, seed: int = BENCH_SEED, batch_size: int = 100) -> dict[str, Any]:
     """Remove the background cue from the tiny spurious classifier by mean-ablating components.
 
-    Val and test sets are balanced over the four (y, place) groups. Selection on val only:
+    Val and test sets are exactly balanced over the four (y, place) groups (:func:`balanced_labeller`). Selection on val only:
     ``s_i = |r(l_i, place)| - |r(l_i, y)|`` with ``l_i = (w_1 - w_0) . c_i(x)`` the component's
     share of the logit difference. Ablation replaces ``c_i(x)`` by its val mean. Reports, on
     test, worst-group / average-group (unweighted) / sample-weighted accuracy before and after,
     and the same after ablating ``k`` random components (``n_random`` draws: mean, sd, max).
     """
     from .dataset import PLACES
-    from .train import _spurious_labeller
 
     head = model.classifier()
     if head is None:
@@ -282,7 +301,7 @@ def spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], 
         raise InputError(f"{model.name} has no linear classifier head to debias")
     w = head[0].detach().double().numpy()
     b = head[1].detach().double().numpy() if head[1] is not None else np.zeros(w.shape[0])
-    labeller = _spurious_labeller(task, groups, 0.5)
+    labeller = balanced_labeller(task, groups)
     data = {}
     for split, stream in (("val", 11), ("test", 12)):
         sample = make_sample(n, seed, stream, labeller)
@@ -295,7 +314,7 @@ def spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], 
     diff = w[1] - w[0]
     logit_share = values_val @ diff  # [comp, n]
     scores = np.array([_abs_corr(l, place_val) - _abs_corr(l, y_val) for l in logit_share])
-    allowed = np.array([str(lab) != "bias" for lab in labels])
+    allowed = _selectable(labels)
     scores[~allowed] = -np.inf
     chosen = [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
     means = values_val.mean(1)  # [comp, d]

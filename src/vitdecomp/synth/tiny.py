@@ -123,12 +123,12 @@ def sincos_position_init(pos: torch.Tensor, amplitude: float = POSITION_AMPLITUD
 
     import torch
 
-    table = pos.data.reshape(-1, pos.shape[-1])
+    table = pos.data.view(-1, pos.shape[-1])  # a view: writes reach the module's table
     n = table.shape[0]
     g = math.isqrt(n)
     if g * g != n:
         g = math.isqrt(n - 1)
-    if g * g > n or g == 0:
+    if g == 0:
         raise ValueError(f"cannot read a square grid from {n} position rows")
     with torch.no_grad():
         table[: n - g * g].zero_()

@@ -1,0 +1,119 @@
+"""`vitdecomp demo` and `vitdecomp synth bench` end to end on tiny models trained for 2 steps (offline, CPU).
+
+The shipped weights are not used: a module fixture trains both tiny models (a few seconds) into a
+folder that is passed as ``DemoConfig.weights`` / ``--weights``.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+pytest.importorskip("open_clip")
+pytest.importorskip("safetensors")
+
+from PIL import Image  # noqa: E402
+
+from vitdecomp.cli.main import EXIT_INPUT, main  # noqa: E402
+from vitdecomp.demo import SECTIONS, DemoConfig, run_demo  # noqa: E402
+from vitdecomp.report import check_html  # noqa: E402
+from vitdecomp.synth.generator import SCENE_FACTORS  # noqa: E402
+
+SECTION_ID = re.compile(r'<section id="([^"]+)"')
+PNG_URI = re.compile(r'data:image/png;base64,([A-Za-z0-9+/=]+)')
+SMALL = dict(n_images=60, n_segment=10, n_spurious=60, n_heatmaps=1)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A folder with clip/ and spurious/ tiny models, as `vitdecomp synth train` writes them."""
+    from vitdecomp.synth.train import train_classifier, train_clip
+
+    root = tmp_path_factory.mktemp("weights")
+    train_clip(steps=2, batch_size=8, eval_n=0, out_path=root / "clip")
+    train_classifier(steps=2, batch_size=8, eval_n=0, spurious=0.95, task="shape", out_path=root / "spurious")
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo(weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cfg = DemoConfig.quick()
+    for name, value in SMALL.items():
+        setattr(cfg, name, value)
+    cfg.weights = weights
+    return out, run_demo(out, config=cfg)
+
+
+def test_demo_report_is_self_contained_and_has_every_section(demo):
+    out, _ = demo
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert check_html(html) == []
+    ids = SECTION_ID.findall(html)
+    assert [i for i in ids if i in SECTIONS] == list(SECTIONS)  # all of them, in order
+    pngs = PNG_URI.findall(html)
+    assert pngs, "no embedded PNG figure"
+    for data in pngs:
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as im:
+            im.load()
+            assert im.format == "PNG" and im.width > 0 and im.height > 0
+
+
+def test_demo_results_json(demo):
+    out, returned = demo
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["n_images"] == SMALL["n_images"] == returned["n_images"]
+    assert results["decomposition_relative_error"] <= 1e-5
+    assert len(results["components"]) == results["n_components"] and "bias" in results["components"]
+    assert set(results["factor_agreement"]) == set(SCENE_FACTORS) == set(results["retrieval"])
+    for a in results["factor_agreement"].values():
+        assert len(a["components"]) == DemoConfig().top_k and "bias" not in a["components"]
+        assert 0.0 <= a["top_k"] <= 1.0 and 0.0 <= a["full"] <= 1.0
+    assert set(results["segmentation"]) == {"decomposition", "raw_attention", "rollout"}
+    assert results["textspan"] and all(".H" in r["component"] for r in results["textspan"])
+    spurious = results["spurious"]
+    assert spurious["selection_split"] == "val" and spurious["n_val"] == SMALL["n_spurious"]
+    assert len(spurious["selected"]) == spurious["k"] and "bias" not in spurious["selected"]
+
+
+def test_cli_demo_prints_a_summary_and_writes_the_report(weights, tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--quick", "--weights", str(weights), "--out", str(out), "--n-images", "60"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    report_line = [line for line in printed.splitlines() if line.startswith("report:")]
+    assert report_line and report_line[0].split("report:", 1)[1].strip() == str(out / "report.html")
+    assert "60 images" in printed and "spurious cue" in printed
+    assert (out / "report.html").is_file()
+    assert json.loads((out / "results.json").read_text())["n_images"] == 60
+
+
+def test_cli_demo_input_errors(tmp_path, capsys):
+    assert main(["demo", "--model", "timm:test_vit", "--out", str(tmp_path / "a")]) == EXIT_INPUT
+    assert main(["demo", "--images", str(tmp_path), "--out", str(tmp_path / "b")]) == EXIT_INPUT
+    assert main(["demo", "--n-images", "5", "--out", str(tmp_path / "c")]) == EXIT_INPUT
+    # weights folder without tiny models: the error names the command that makes them
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--weights", str(empty), "--out", str(tmp_path / "d")]) == EXIT_INPUT
+    assert "vitdecomp synth train clip" in capsys.readouterr().err
+
+
+def test_cli_synth_bench_writes_json(weights, tmp_path, capsys):
+    target = tmp_path / "bench" / "bench.json"
+    code = main(["synth", "bench", "--weights", str(weights), "--n-images", "60", "--n-segment", "20",
+                 "--n-spurious", "60", "--out", str(target)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "synthetic-world benchmark" in printed
+    result = json.loads(target.read_text(encoding="utf-8"))
+    assert set(result["factor_agreement"]) == set(SCENE_FACTORS) == set(result["retrieval"])
+    assert set(result["segmentation"]) == {"decomposition", "raw_attention", "rollout"}
+    assert result["spurious"]["selection_split"] == "val" and len(result["spurious"]["selected"]) == 3
+    assert result["n_images"] == 60 and result["decomposition_error"] <= 1e-5
+    assert result["models"]["clip"]["kind"] == "clip" and result["models"]["spurious"]["kind"] == "spurious"
