@@ -31,12 +31,13 @@ SMALL = dict(n_images=60, n_segment=10, n_spurious=60, n_heatmaps=1)
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A folder with clip/ and spurious/ tiny models, as `vitdecomp synth train` writes them."""
+    """A folder with clip/, spurious/ and vit/ tiny models, as `vitdecomp synth train` writes them."""
     from vitdecomp.synth.train import train_classifier, train_clip
 
     root = tmp_path_factory.mktemp("weights")
     train_clip(steps=2, batch_size=8, eval_n=0, out_path=root / "clip")
     train_classifier(steps=2, batch_size=8, eval_n=0, spurious=0.95, task="shape", out_path=root / "spurious")
+    train_classifier(steps=2, batch_size=8, eval_n=0, task="shape", out_path=root / "vit")
     return root
 
 
@@ -79,6 +80,9 @@ def test_demo_results_json(demo):
     spurious = results["spurious"]
     assert spurious["selection_split"] == "val" and spurious["n_val"] == SMALL["n_spurious"]
     assert len(spurious["selected"]) == spurious["k"] and "bias" not in spurious["selected"]
+    aligned = results["aligned"]
+    assert set(aligned["factor_agreement"]) == set(SCENE_FACTORS)
+    assert -1.0 <= aligned["val_cosine"] <= 1.0 and 0 < aligned["n_val"] < SMALL["n_images"]
 
 
 def test_cli_demo_prints_a_summary_and_writes_the_report(weights, tmp_path, capsys):
@@ -117,3 +121,4 @@ def test_cli_synth_bench_writes_json(weights, tmp_path, capsys):
     assert result["spurious"]["selection_split"] == "val" and len(result["spurious"]["selected"]) == 3
     assert result["n_images"] == 60 and result["decomposition_error"] <= 1e-5
     assert result["models"]["clip"]["kind"] == "clip" and result["models"]["spurious"]["kind"] == "spurious"
+    assert result["models"]["vit"]["kind"] == "vit" and set(result["aligned"]["factor_agreement"]) == set(SCENE_FACTORS)

@@ -151,7 +151,13 @@ def _bench(args: argparse.Namespace) -> int:
     info = classifier.extras["tiny"]
     result["spurious"] = spurious_bench(classifier, task=info["task"], groups=info["groups"], n=cfg.n_spurious,
                                         k=cfg.top_k, seed=cfg.seed)
-    result["models"] = {"clip": clip.extras["tiny"], "spurious": info}
+    from ..synth.bench import aligned_bench, factor_texts, make_sample
+    from ..text import text_encoder
+
+    vit = load_shipped("vit", args.weights)
+    result["aligned"] = aligned_bench(vit, clip, make_sample(cfg.n_images, cfg.seed),
+                                      factor_texts(text_encoder(clip)), k=cfg.top_k, seed=cfg.seed)
+    result["models"] = {"clip": clip.extras["tiny"], "spurious": info, "vit": vit.extras["tiny"]}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
@@ -172,4 +178,8 @@ def _bench(args: argparse.Namespace) -> int:
     out.write(f"spurious cue: worst-group {s['before']['worst_group']:.3f} -> {s['after']['worst_group']:.3f} "
               f"(ablating {', '.join(s['selected'])}); random {s['k']}: {s['random']['worst_group_mean']:.3f} "
               f"± {s['random']['worst_group_sd']:.3f}, max {s['random']['worst_group_max']:.3f}\n")
+    a = result["aligned"]
+    out.write(f"CompAlign ({a['model']} -> CLIP space): val cosine {a['val_cosine']:.3f}; factor agreement top-k "
+              + ", ".join(f"{f} {r['top_k']:.2f} (random {r['random_k']['mean']:.2f})"
+                          for f, r in a["factor_agreement"].items()) + "\n")
     return 0
