@@ -96,6 +96,7 @@ def _synthetic(cfg: DemoConfig) -> tuple[Report, dict[str, Any]]:
     from . import __version__
     from .report import Report
     from .synth.bench import (
+        SEGMENT_TEXTS,
         BenchConfig,
         component_scores,
         decompose_sample,
@@ -135,7 +136,7 @@ def _synthetic(cfg: DemoConfig) -> tuple[Report, dict[str, Any]]:
     results["retrieval"] = retrieval_precision(values, table, truth, k=bench.top_k, at=bench.precision_at,
                                                n_queries=bench.n_queries, n_random=bench.n_random, seed=bench.seed)
     seg_sample = make_sample(bench.n_segment, bench.seed, stream=8)
-    results["segmentation"] = segmentation_bench(clip, seg_sample, texts["shape"], batch_size=50)
+    results["segmentation"] = segmentation_bench(clip, seg_sample, {f: texts[f] for f in SEGMENT_TEXTS}, batch_size=50)
     spurious = load_shipped("spurious", cfg.weights)
     info = spurious.extras.get("tiny", {})
     results["spurious"] = spurious_bench(spurious, task=info.get("task", "shape"), groups=info["groups"],
@@ -284,24 +285,17 @@ def _section_heatmaps(model: Model, sample: Any, texts: dict[str, np.ndarray], r
     import torch.nn.functional as F
 
     from .attention_maps import raw_attention, rollout
-    from .decomposition import decompose
-    from .heatmap import render_overlay, token_heatmap
+    from .heatmap import render_overlay
     from .report import Figure, Grid, Section, Table
-    from .synth.bench import _pixels
+    from .synth.bench import SEGMENT_TEXTS, _pixels, decomposition_map
 
     seg = results["segmentation"]
     metric_rows = [[name, m["pixel_accuracy"], m["miou_two_class"], m["map_two_channel"], m["fg_iou"]]
                    for name, m in seg.items()]
-    shape = torch.from_numpy(texts["shape"]).float()
     x = _pixels(model, sample.images[:n])
-    stack = decompose(model, x, granularity="head_token", directions=shape)
-    heads = [str(lab) for lab in stack.labels if lab.kind == "head"]
-    pred = stack.reference.argmax(1)
-    per_text = torch.stack([token_heatmap(stack, j, components=heads).patch for j in range(shape.shape[0])], 1)
-    target = torch.full(stack.reference.shape, -1.0 / shape.shape[0], dtype=per_text.dtype)
-    target[torch.arange(len(pred)), pred] += 1.0
-    maps = {"decomposition": torch.einsum("bv,bvhw->bhw", target, per_text), "raw attention": raw_attention(model, x),
-            "rollout": rollout(model, x)}
+    maps = {f"decomposition ({f} texts)": decomposition_map(model, x, torch.from_numpy(texts[f]).float())
+            for f in SEGMENT_TEXTS}
+    maps.update({"raw attention": raw_attention(model, x), "rollout": rollout(model, x)})
     figures = []
     for b in range(n):
         figures.append(Figure.from_pil(_upscale(sample.images[b]), caption="image"))
@@ -310,11 +304,12 @@ def _section_heatmaps(model: Model, sample: Any, texts: dict[str, np.ndarray], r
             figures.append(Figure.from_pil(_upscale(np.asarray(render_overlay(sample.images[b], up.numpy()))),
                                            caption=name))
     return Section("heatmaps", "Token heatmaps and zero-shot segmentation", [
-        "Decomposition map: each patch's contribution through all heads to the predicted shape's text minus "
-        "the mean over shape texts (METHOD §6.5). Baselines from the same model's attention. Metrics against "
+        "Decomposition maps: each patch's contribution through all heads to the predicted colour's (or shape's) "
+        "text minus the mean over that factor's texts (METHOD §6.5). Baselines from the same model's attention. Metrics against "
         "the exact object masks, Chefer et al.'s protocol (threshold at the mean relevance).",
     ], [Table(["map", "pixel accuracy", "mIoU (2 classes)", "mAP (2 channels)", "foreground IoU"], metric_rows),
-        Grid(figures, columns=4, caption="Image, decomposition map, raw attention, rollout.")])
+        Grid(figures, columns=5, caption="Image, decomposition maps (colour texts, shape texts), raw attention, "
+                                         "rollout.")])
 
 
 def _upscale(image: np.ndarray, scale: int = 3) -> Any:

@@ -75,7 +75,7 @@ def test_demo_results_json(demo):
     for a in results["factor_agreement"].values():
         assert len(a["components"]) == DemoConfig().top_k and "bias" not in a["components"]
         assert 0.0 <= a["top_k"] <= 1.0 and 0.0 <= a["full"] <= 1.0
-    assert set(results["segmentation"]) == {"decomposition", "raw_attention", "rollout"}
+    assert set(results["segmentation"]) == {"decomposition (colour texts)", "decomposition (shape texts)", "raw_attention", "rollout"}
     assert results["textspan"] and all(".H" in r["component"] for r in results["textspan"])
     spurious = results["spurious"]
     assert spurious["selection_split"] == "val" and spurious["n_val"] == SMALL["n_spurious"]
@@ -117,7 +117,7 @@ def test_cli_synth_bench_writes_json(weights, tmp_path, capsys):
     assert code == 0 and "synthetic-world benchmark" in printed
     result = json.loads(target.read_text(encoding="utf-8"))
     assert set(result["factor_agreement"]) == set(SCENE_FACTORS) == set(result["retrieval"])
-    assert set(result["segmentation"]) == {"decomposition", "raw_attention", "rollout"}
+    assert set(result["segmentation"]) == {"decomposition (colour texts)", "decomposition (shape texts)", "raw_attention", "rollout"}
     assert result["spurious"]["selection_split"] == "val" and len(result["spurious"]["selected"]) == 3
     assert result["n_images"] == 60 and result["decomposition_error"] <= 1e-5
     assert result["models"]["clip"]["kind"] == "clip" and result["models"]["spurious"]["kind"] == "spurious"

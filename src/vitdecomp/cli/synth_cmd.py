@@ -172,7 +172,7 @@ def _bench(args: argparse.Namespace) -> int:
                   f"{r['base_rate']:>7.3f}\n")
     out.write("segmentation (pixel acc / mIoU / mAP / fg IoU):\n")
     for name, m in result["segmentation"].items():
-        out.write(f"  {name:<14}{m['pixel_accuracy']:.3f} / {m['miou_two_class']:.3f} / {m['map_two_channel']:.3f}"
+        out.write(f"  {name:<30}{m['pixel_accuracy']:.3f} / {m['miou_two_class']:.3f} / {m['map_two_channel']:.3f}"
                   f" / {m['fg_iou']:.3f}\n")
     s = result["spurious"]
     out.write(f"spurious cue: worst-group {s['before']['worst_group']:.3f} -> {s['after']['worst_group']:.3f} "

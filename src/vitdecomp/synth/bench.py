@@ -42,11 +42,13 @@ if TYPE_CHECKING:
     from ..stack import ComponentStack
 
 __all__ = ["BENCH_SEED", "BenchConfig", "Sample", "make_sample", "factor_values", "decompose_sample",
-           "factor_texts", "component_scores", "factor_agreement", "retrieval_precision", "segmentation_bench",
+           "factor_texts", "component_scores", "factor_agreement", "retrieval_precision", "segmentation_bench", "decomposition_map", "SEGMENT_TEXTS",
            "spurious_bench", "run_clip_bench", "balanced_labeller", "aligned_bench"]
 
 log = logging.getLogger(__name__)
 
+#: Text sets whose decomposition maps are scored in the segmentation benchmark (object factors).
+SEGMENT_TEXTS: tuple[str, ...] = ("colour", "shape")
 #: Seed of the benchmark's scenes (its own stream).
 BENCH_SEED = 424_242
 
@@ -243,14 +245,16 @@ def retrieval_precision(values: np.ndarray, table: Any, truth: dict[str, np.ndar
     return out
 
 
-def segmentation_bench(model: Model, sample: Sample, shape_texts: np.ndarray, *, batch_size: int = 50) -> dict[
+def segmentation_bench(model: Model, sample: Sample, text_sets: dict[str, np.ndarray], *, batch_size: int = 50) -> dict[
         str, dict[str, float]]:
-    """Zero-shot segmentation of the objects: decomposition token map vs raw attention vs rollout.
+    """Zero-shot segmentation of the objects: decomposition token maps vs raw attention vs rollout.
 
-    Decomposition map (the CLIP paper's, METHOD §6.5): ``m_t = <sum_{l,h} c_{l,h,t}, y_pred -
-    mean_c y_c>`` over the shape texts, with ``pred`` the model's own zero-shot shape. Every map
-    is upsampled bilinearly to 64 px and scored with :class:`~vitdecomp.segmentation.SegmentationMetrics`
-    against the exact union of the object masks.
+    For each named text set (e.g. the colour or the shape phrases, ``[V, d]`` unit rows), the
+    decomposition map is the CLIP paper's (METHOD §6.5): ``m_t = <sum_{l,h} c_{l,h,t}, y_pred -
+    mean_c y_c>`` with ``pred`` the model's own zero-shot choice in that set; its row is
+    ``"decomposition (NAME texts)"``. Every map is upsampled bilinearly to the image size and
+    scored with :class:`~vitdecomp.segmentation.SegmentationMetrics` against the exact union of
+    the object masks.
     """
     import torch
     import torch.nn.functional as F
@@ -260,26 +264,40 @@ def segmentation_bench(model: Model, sample: Sample, shape_texts: np.ndarray, *,
     from ..heatmap import token_heatmap
     from ..segmentation import SegmentationMetrics
 
-    texts = torch.from_numpy(shape_texts).float()
-    metrics = {name: SegmentationMetrics() for name in ("decomposition", "raw_attention", "rollout")}
+    names = [f"decomposition ({name} texts)" for name in text_sets]
+    metrics = {name: SegmentationMetrics() for name in (*names, "raw_attention", "rollout")}
     size = sample.images.shape[1:3]
     for i in range(0, len(sample.images), batch_size):
         x = _pixels(model, sample.images[i:i + batch_size])
-        stack = decompose(model, x, granularity="head_token", directions=texts)  # values [comp, B, tok, V]
-        pred = stack.reference  # z projected on the shape texts: [B, V]
-        heads = [str(lab) for lab in stack.labels if lab.kind == "head"]
-        per_text = torch.stack([token_heatmap(stack, j, components=heads).patch for j in range(texts.shape[0])],
-                               dim=1)  # [B, V, gh, gw]
-        target = torch.full(pred.shape, -1.0 / texts.shape[0], dtype=per_text.dtype)
-        target[torch.arange(pred.shape[0]), pred.argmax(1)] += 1.0  # e_pred - mean_c e_c
-        decomposition_map = torch.einsum("bv,bvhw->bhw", target, per_text)
-        baselines = {"decomposition": decomposition_map, "raw_attention": raw_attention(model, x),
-                     "rollout": rollout(model, x)}
-        for name, grid in baselines.items():
+        maps = {"raw_attention": raw_attention(model, x), "rollout": rollout(model, x)}
+        for name, texts in zip(names, text_sets.values()):
+            maps[name] = decomposition_map(model, x, torch.from_numpy(texts).float(), decompose, token_heatmap)
+        for name, grid in maps.items():
             up = F.interpolate(grid[:, None].double(), size=size, mode="bilinear", align_corners=False)[:, 0]
             for b in range(up.shape[0]):
                 metrics[name].update(up[b].numpy(), sample.masks[i + b])
     return {name: m.result() for name, m in metrics.items()}
+
+
+def decomposition_map(model: Model, x: torch.Tensor, texts: torch.Tensor, decompose: Any = None,
+                      token_heatmap: Any = None) -> torch.Tensor:
+    """``[B, gh, gw]``: each patch's contribution through all heads to ``y_pred - mean_c y_c``.
+
+    ``texts`` ``[V, d]``; ``pred`` is the model's own argmax over them (from the exact sum).
+    """
+    import torch
+
+    if decompose is None:
+        from ..decomposition import decompose
+    if token_heatmap is None:
+        from ..heatmap import token_heatmap
+    stack = decompose(model, x, granularity="head_token", directions=texts)  # values [comp, B, tok, V]
+    pred = stack.reference  # z projected on the texts: [B, V]
+    heads = [str(lab) for lab in stack.labels if lab.kind == "head"]
+    per_text = torch.stack([token_heatmap(stack, j, components=heads).patch for j in range(texts.shape[0])], dim=1)
+    target = torch.full(pred.shape, -1.0 / texts.shape[0], dtype=per_text.dtype)
+    target[torch.arange(pred.shape[0]), pred.argmax(1)] += 1.0  # e_pred - mean_c e_c
+    return torch.einsum("bv,bvhw->bhw", target, per_text)
 
 
 def spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], n: int = 600, k: int = 3,
@@ -377,7 +395,8 @@ def run_clip_bench(model: Model, config: BenchConfig | None = None) -> dict[str,
         "scores": table.to_json(),
     }
     seg_sample = make_sample(cfg.n_segment, cfg.seed, stream=8)
-    result["segmentation"] = segmentation_bench(model, seg_sample, texts["shape"], batch_size=cfg.batch_size // 2)
+    result["segmentation"] = segmentation_bench(model, seg_sample, {f: texts[f] for f in SEGMENT_TEXTS},
+                                                batch_size=cfg.batch_size // 2)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
