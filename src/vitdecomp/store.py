@@ -916,8 +916,8 @@ class RunningMoments:
         mean = x.mean(axis=0)
         m2 = None
         if self.m2 is not None:
-            xc = x - mean
-            m2 = np.einsum("bci,bcj->cij", xc, xc)
+            xc = (x - mean).transpose(1, 0, 2)  # [comp, batch, k]
+            m2 = np.matmul(xc.transpose(0, 2, 1), xc)  # [comp, k, k]: BLAS, ~10x faster than einsum
         self._merge(n, mean, m2)
         return self
 
