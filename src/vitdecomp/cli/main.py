@@ -13,12 +13,12 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import decompose_cmd, demo_cmd, models_cmd, synth_cmd
+from . import decompose_cmd, demo_cmd, label_cmd, models_cmd, synth_cmd
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_INPUT", "EXIT_UNSUPPORTED", "EXIT_INEXACT"]
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_UNSUPPORTED, EXIT_INEXACT = 0, 1, 2, 3, 4
-COMMANDS = (demo_cmd, decompose_cmd, models_cmd, synth_cmd)
+COMMANDS = (demo_cmd, decompose_cmd, label_cmd, models_cmd, synth_cmd)
 
 log = logging.getLogger("vitdecomp")
 
