@@ -159,9 +159,11 @@ def _run_spurious(model, monkeypatch, *, swap=None, n_random=4):
 
 
 def test_spurious_bench_structure_and_random_draws(classifier, monkeypatch):
+    from vitdecomp.synth import train
+
     evaluated = []
-    original = bench._group_accuracy
-    monkeypatch.setattr(bench, "_group_accuracy", lambda *a: evaluated.append(1) or original(*a))
+    original = train.group_accuracy
+    monkeypatch.setattr(train, "group_accuracy", lambda *a: evaluated.append(1) or original(*a))
     n_random = 3
     info = classifier.extras["tiny"]
     out = bench.spurious_bench(classifier, task=info["task"], groups=info["groups"], n=16, k=2, n_random=n_random,

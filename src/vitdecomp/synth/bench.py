@@ -310,7 +310,9 @@ def spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], 
     test, worst-group / average-group (unweighted) / sample-weighted accuracy before and after,
     and the same after ablating ``k`` random components (``n_random`` draws: mean, sd, max).
     """
+    from ..ablate import ablate
     from .dataset import PLACES
+    from .train import group_accuracy
 
     head = model.classifier()
     if head is None:
@@ -326,22 +328,19 @@ def spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], 
         stack = decompose_sample(model, sample.images, batch_size=batch_size)
         y = np.array(sample.labels)
         place = np.array([PLACES.index(s.background) for s in sample.scenes])
-        data[split] = (stack.values.double().numpy(), y, place, stack.labels)
-    values_val, y_val, place_val, labels = data["val"]
-    values_test, y_test, place_test, _ = data["test"]
+        data[split] = (stack, y, place)
+    val, y_val, place_val = data["val"]
+    test, y_test, place_test = data["test"]
+    labels = val.labels
     diff = w[1] - w[0]
-    logit_share = values_val @ diff  # [comp, n]
+    logit_share = val.values.double().numpy() @ diff  # [comp, n]
     scores = np.array([_abs_corr(l, place_val) - _abs_corr(l, y_val) for l in logit_share])
     allowed = _selectable(labels)
     scores[~allowed] = -np.inf
     chosen = [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
-    means = values_val.mean(1)  # [comp, d]
-
     def evaluate(rows: Sequence[int]) -> dict[str, Any]:
-        v = values_test.copy()
-        v[list(rows)] = means[list(rows), None, :]
-        pred = (v.sum(0) @ w.T + b).argmax(1)
-        return _group_accuracy(pred, y_test, place_test)
+        z = ablate(test, [int(i) for i in rows], mode="mean", reference=val).numpy()  # val means
+        return group_accuracy((z @ w.T + b).argmax(1), y_test, place_test)
 
     rng = np.random.default_rng([seed, 13])
     pool = np.flatnonzero(allowed)
@@ -363,13 +362,6 @@ def _abs_corr(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a - a.mean(), b - b.mean()
     den = np.sqrt((a @ a) * (b @ b))
     return float(abs(a @ b) / den) if den > 0 else 0.0
-
-
-def _group_accuracy(pred: np.ndarray, y: np.ndarray, place: np.ndarray) -> dict[str, Any]:
-    group = 2 * y + place
-    per = {str(g): float(np.mean(pred[group == g] == y[group == g])) for g in range(4) if (group == g).any()}
-    return {"groups": per, "worst_group": min(per.values()), "average_group": float(np.mean(list(per.values()))),
-            "weighted": float(np.mean(pred == y))}
 
 
 def run_clip_bench(model: Model, config: BenchConfig | None = None) -> dict[str, Any]:

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["EVAL_SEED", "train_clip", "train_classifier", "evaluate_clip", "evaluate_classifier", "pixels",
+__all__ = ["EVAL_SEED", "train_clip", "train_classifier", "evaluate_clip", "evaluate_classifier", "group_accuracy",
+           "pixels",
            "clip_batch", "clip_loss", "classifier_batch"]
 
 log = logging.getLogger(__name__)
@@ -385,10 +386,19 @@ def evaluate_classifier(model: Any, *, task: str, classes: Sequence[str], groups
     labels = np.array([y for _, y in items])
     out: dict[str, Any] = {"accuracy": float(np.mean(pred == labels))}
     if groups is not None:
-        group = np.array([2 * y + PLACES.index(s.background) for s, y in items])
-        per = {str(g): float(np.mean(pred[group == g] == labels[group == g])) for g in range(4) if (group == g).any()}
-        out.update(group_accuracy=per, worst_group_accuracy=min(per.values()))
+        place = np.array([PLACES.index(s.background) for s, _ in items])
+        groups_acc = group_accuracy(pred, labels, place)
+        out.update(group_accuracy=groups_acc["groups"], worst_group_accuracy=groups_acc["worst_group"])
     return out
+
+
+def group_accuracy(pred: np.ndarray, y: np.ndarray, place: np.ndarray) -> dict[str, Any]:
+    """Accuracy per Waterbirds group ``g = 2 y + place`` (groups present only): ``groups`` {str(g): acc},
+    ``worst_group`` (min), ``average_group`` (unweighted mean over groups), ``weighted`` (over samples)."""
+    group = 2 * y + place
+    per = {str(g): float(np.mean(pred[group == g] == y[group == g])) for g in range(4) if (group == g).any()}
+    return {"groups": per, "worst_group": min(per.values()), "average_group": float(np.mean(list(per.values()))),
+            "weighted": float(np.mean(pred == y))}
 
 
 def _tail(losses: list[float]) -> float | None:
