@@ -8,17 +8,24 @@ imported here without importing torch, so ``vitdecomp --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import decompose_cmd, demo_cmd, label_cmd, models_cmd, synth_cmd
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_INPUT", "EXIT_UNSUPPORTED", "EXIT_INEXACT"]
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_UNSUPPORTED, EXIT_INEXACT = 0, 1, 2, 3, 4
-COMMANDS = (demo_cmd, decompose_cmd, label_cmd, models_cmd, synth_cmd)
+# One module per subcommand (``vitdecomp/cli/<name>_cmd.py``), in the order ``--help`` lists them.
+COMMAND_MODULES = (
+    "demo",
+    "decompose",
+    "label",
+    "models",
+    "synth",
+)
 
 log = logging.getLogger("vitdecomp")
 
@@ -38,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
-        command.add_parser(sub, [common])
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{name}_cmd").add_parser(sub, [common])
     return parser
 
 
