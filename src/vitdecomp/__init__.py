@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 
 _SUBMODULES = ("data", "store", "testing", "synth", "text", "textspan", "score", "heatmap", "attention_maps",
-               "segmentation", "report", "demo", "align", "ablate")
+               "segmentation", "report", "demo", "align", "ablate", "retrieve")
 
 
 def __getattr__(name: str) -> Any:

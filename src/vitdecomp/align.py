@@ -79,6 +79,7 @@ Example::
 
     from vitdecomp.align import AlignConfig, fit_compalign, store_batches
     batches = store_batches(store, clip_embeddings)          # [n_items, d_clip] CLIP targets
+    # or: store_batches(store, clip_store), a store of a CLIP over the same images (its reference rows)
     align = fit_compalign(batches, len(store.labels), d_model, d_clip,
                           AlignConfig(parametrisation="orthogonal", lr=1e-3),
                           checkpoint=Path("align.ckpt"), labels=store.labels)
@@ -116,6 +117,7 @@ __all__ = [
     "fit_compalign",
     "orthogonality_defect",
     "resolve_constraint",
+    "paired_rows",
     "store_batches",
     "validation_mask",
 ]
@@ -927,20 +929,79 @@ def fit_compalign(
                      labels=tuple(str(s) for s in labels) if labels is not None else None, meta=meta)
 
 
+def _done_rows(store: ComponentStore) -> tuple[list[str | None], np.ndarray]:
+    """From the done records only (no array reads): ``(ids [n_items], None where the chunk is
+    not done; valid [n_items] bool, True for done rows that were not skipped)``."""
+    ids: list[str | None] = [None] * store.n_items
+    valid = np.zeros(store.n_items, dtype=bool)
+    for index in store.done_chunks():
+        record = store.done_record(index)
+        if record is None:  # removed since done_chunks() listed it
+            continue
+        r = store.chunk_rows(index)
+        chunk_ids = [str(i) for i in record.get("ids", [])]
+        if len(chunk_ids) != len(r):
+            raise InputError(f"{store.path}: done record of chunk {index} lists {len(chunk_ids)} ids for "
+                             f"{len(r)} rows")
+        ids[r.start : r.stop] = chunk_ids
+        valid[r.start : r.stop] = True
+        for entry in record.get("skipped", []):
+            valid[int(entry["row"])] = False
+    return ids, valid
+
+
+def paired_rows(store: ComponentStore, clip_store: ComponentStore, *, show: int = 5) -> np.ndarray:
+    """Rows usable to align ``store`` (any model) to ``clip_store`` (a CLIP over the same images).
+
+    Both stores must hold the same images in the same order: the same number of rows, and
+    equal item ids on every row that is done in both (ids come from the chunks' done records,
+    so nothing but small JSON files is read). A row is usable when it is done and valid (not
+    skipped) in both stores; the chunk sizes of the two stores may differ.
+
+    Returns:
+        ``[n_items]`` bool mask of the usable rows.
+
+    Raises:
+        InputError: different row counts, or differing ids (the message lists the first ``show``
+            mismatches as ``row: id in store != id in clip_store`` and how many there are).
+    """
+    ids_a, valid_a = _done_rows(store)
+    ids_b, valid_b = _done_rows(clip_store)
+    n = min(store.n_items, clip_store.n_items)
+    mismatches = [(r, ids_a[r], ids_b[r]) for r in range(n)
+                  if ids_a[r] is not None and ids_b[r] is not None and ids_a[r] != ids_b[r]]
+    if mismatches or store.n_items != clip_store.n_items:
+        lines = [f"row {r}: {a!r} != {b!r}" for r, a, b in mismatches[:show]]
+        head = (f"{store.path} and {clip_store.path} do not hold the same images in the same order "
+                "(a CompAlign fit pairs row i of one with row i of the other)")
+        if store.n_items != clip_store.n_items:
+            head += f"; they have {store.n_items} and {clip_store.n_items} rows"
+        if mismatches:
+            head += f"; {len(mismatches)} rows with different ids, the first: " + "; ".join(lines)
+        raise InputError(head + ". Decompose the same dataset (same folder, kind and split) with both models.")
+    return valid_a & valid_b
+
+
 def store_batches(
     store: ComponentStore,
-    clip_targets: torch.Tensor,
+    clip_targets: torch.Tensor | ComponentStore,
     *,
     batch_size: int | None = None,
     chunks: Sequence[int] | None = None,
+    rows: np.ndarray | None = None,
 ) -> BatchSource:
     """Batch source for :func:`fit_compalign` from a component store and CLIP embeddings.
 
     Args:
         store: the model's components (valid rows of done chunks are used; tokens summed).
-        clip_targets: ``[store.n_items, d_clip]`` CLIP image embeddings, row-aligned with the store.
-        batch_size: rows per yielded batch (default: the store's chunk size).
-        chunks: restrict to these chunks (read in row order).
+        clip_targets: ``[store.n_items, d_clip]`` CLIP image embeddings, row-aligned with the
+            store; or a store of a CLIP model over the same images, whose ``reference`` rows (the
+            CLIP image embeddings) are read batch by batch (only rows done and valid in both
+            stores are used, and the ids are checked first: :func:`paired_rows`).
+        batch_size: rows per batch read from ``store`` (default: its chunk size); a batch shrinks
+            by the rows the CLIP store lacks or that ``rows`` excludes.
+        chunks: restrict to these chunks of ``store`` (read in row order).
+        rows: optional ``[n_items]`` bool mask: only these rows are used.
 
     Returns:
         A callable returning a fresh iterator of ``(values [b, comp, d_model], clip_targets [b, d_clip],
@@ -948,13 +1009,41 @@ def store_batches(
     """
     import torch
 
-    if clip_targets.dim() != 2 or clip_targets.shape[0] != store.n_items:
-        raise InputError(f"clip_targets must be [{store.n_items}, d_clip], got {tuple(clip_targets.shape)}")
+    from .store import ComponentStore
+
+    mask = None if rows is None else np.asarray(rows, dtype=bool).reshape(-1)
+    if mask is not None and mask.shape[0] != store.n_items:
+        raise InputError(f"rows must be a [{store.n_items}] bool mask, got {mask.shape[0]} entries")
+    if isinstance(clip_targets, ComponentStore):
+        clip_store = clip_targets
+        usable = paired_rows(store, clip_store)
+        mask = usable if mask is None else mask & usable
+        # only the reference rows of the CLIP store are needed, not its components
+        reference = clip_store._array("reference")  # noqa: SLF001 (no public reference-only reader yet)
+
+        def targets_of(idx: np.ndarray) -> torch.Tensor:
+            lo, hi = int(idx.min()), int(idx.max()) + 1  # batches are row-ordered: one slice read
+            block = np.asarray(reference[lo:hi], dtype=np.float32)
+            return torch.from_numpy(np.ascontiguousarray(block[idx - lo]))
+    else:
+        if clip_targets.dim() != 2 or clip_targets.shape[0] != store.n_items:
+            raise InputError(f"clip_targets must be [{store.n_items}, d_clip], got {tuple(clip_targets.shape)}")
+        tensor = clip_targets
+
+        def targets_of(idx: np.ndarray) -> torch.Tensor:
+            return tensor[torch.as_tensor(idx, dtype=torch.long, device=tensor.device)]
 
     def source() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for stack in store.iter_batches(batch_size, chunks=chunks):
             stack = stack.sum_tokens()
-            rows = torch.as_tensor(stack.meta["rows"], dtype=torch.long)
-            yield stack.values.movedim(0, 1), clip_targets[rows.to(clip_targets.device)], rows
+            idx = np.asarray(stack.meta["rows"], dtype=np.int64)
+            values = stack.values.movedim(0, 1)
+            if mask is not None:
+                keep = mask[idx]
+                if not keep.all():
+                    if not keep.any():
+                        continue
+                    values, idx = values[torch.from_numpy(keep)], idx[keep]
+            yield values, targets_of(idx), torch.from_numpy(idx)
 
     return source

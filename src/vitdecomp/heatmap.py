@@ -37,12 +37,23 @@ Example (tiny random CLIP, offline)::
 
 ``render_overlay`` draws a signed map over an image (blue negative, white zero, red positive)
 with PIL only.
+
+**Back to the original image.** A model sees its input after its own preprocessing (resize,
+centre crop). :func:`crop_box` reads that geometry from the model's transform and returns a
+:class:`CropBox`: where the model input lies on the original image (it may extend past it
+when the transform pads). :func:`map_to_original` evaluates the bilinear interpolant of the
+token grid at every original pixel centre inside the box, :func:`render_original` draws it at
+the original size with the pixels the model never saw greyed out, and :func:`render_panel`
+adds a colour bar and the prefix tokens' values beside the map. For models read through
+CompAlign, :func:`aligned_directions` pulls CLIP-space directions back through the maps
+(``<y, F_i c> = <F_iᵀ y, c>``) so the token stack can be contracted before it is expanded,
+and :func:`take_columns` picks each component's own column.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -55,9 +66,22 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from .align import CompAlign
     from .stack import ComponentStack
 
-__all__ = ["Heatmap", "prefix_names", "render_overlay", "token_heatmap"]
+__all__ = [
+    "CropBox",
+    "Heatmap",
+    "aligned_directions",
+    "crop_box",
+    "map_to_original",
+    "prefix_names",
+    "render_original",
+    "render_overlay",
+    "render_panel",
+    "take_columns",
+    "token_heatmap",
+]
 
 log = logging.getLogger(__name__)
 
@@ -285,17 +309,26 @@ def render_overlay(
     scale = float(np.abs(h).max()) if vmax is None else float(vmax)
     if scale < 0:
         raise InputError(f"vmax must be positive, got {vmax}")
-    s = np.clip(h / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(h)
-    pos, neg = np.clip(s, 0, None), np.clip(-s, 0, None)
-    colour = np.stack([1.0 - neg, 1.0 - np.abs(s), 1.0 - pos], axis=-1) * 255.0
-    out = (1.0 - alpha) * base.astype(np.float32) + alpha * colour
+    out = (1.0 - alpha) * base.astype(np.float32) + alpha * _signed_colour(h, scale)
     result = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="RGB")
     if path is not None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        result.save(target)
-        log.info("render_overlay: wrote %s", target)
+        _save(result, path, "render_overlay")
     return result
+
+
+def _signed_colour(h: np.ndarray, scale: float) -> np.ndarray:
+    """``[..., 3]`` float colours in [0, 255] of ``s = clip(h / scale, -1, 1)``: blue, white, red."""
+    s = np.clip(h / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(h, dtype=np.float32)
+    pos, neg = np.clip(s, 0, None), np.clip(-s, 0, None)
+    return np.stack([1.0 - neg, 1.0 - np.abs(s), 1.0 - pos], axis=-1) * 255.0
+
+
+def _save(image: Image.Image, path: str | Path, who: str) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image.save(target)
+    log.info("%s: wrote %s", who, target)
+    return target
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -321,3 +354,413 @@ def _rgb_array(image: Any) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[-1] == 4:
         return arr[..., :3]
     raise InputError(f"image arrays must be [H, W, 3] or [H, W], got shape {arr.shape}")
+
+
+# ------------------------------------------------------------------ original-image geometry
+@dataclass(frozen=True)
+class CropBox:
+    """Where the model's input lies on the original image.
+
+    Coordinates are continuous pixels: pixel ``(row i, column j)`` covers ``[j, j+1) x [i, i+1)``
+    and has its centre at ``(j + 0.5, i + 0.5)``. A point ``(u, v)`` of the model input (of size
+    ``input_width x input_height``) sits on the original image at
+
+        x = left + u * (right - left) / input_width,     y = top + v * (bottom - top) / input_height.
+
+    The box may reach past the image (``left < 0``, ``right > image_width``) when the
+    transform pads; it lies inside it for resize + centre crop.
+
+    Attributes:
+        left, top, right, bottom: the model input's edges in original-image pixels.
+        image_width, image_height: the original image's size.
+        input_width, input_height: the model input's size.
+    """
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+    image_width: int
+    image_height: int
+    input_width: int
+    input_height: int
+
+    def to_original(self, u: Any, v: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Model-input coordinates ``(u, v)`` -> original coordinates ``(x, y)`` (arrays)."""
+        u, v = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+        x = self.left + u * (self.right - self.left) / self.input_width
+        y = self.top + v * (self.bottom - self.top) / self.input_height
+        return x, y
+
+    def to_input(self, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Original coordinates ``(x, y)`` -> model-input coordinates ``(u, v)`` (arrays)."""
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        u = (x - self.left) * self.input_width / (self.right - self.left)
+        v = (y - self.top) * self.input_height / (self.bottom - self.top)
+        return u, v
+
+    def inside(self) -> np.ndarray:
+        """``[image_height, image_width]`` bool: original pixels whose centre the model saw."""
+        u, v = self.to_input(np.arange(self.image_width) + 0.5, np.arange(self.image_height) + 0.5)
+        in_x = (u >= 0) & (u < self.input_width)
+        in_y = (v >= 0) & (v < self.input_height)
+        return in_y[:, None] & in_x[None, :]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "left": self.left, "top": self.top, "right": self.right, "bottom": self.bottom,
+            "image_size": [self.image_width, self.image_height],
+            "input_size": [self.input_height, self.input_width],
+        }
+
+
+#: Transforms that do not move pixels (class names of torchvision v1/v2, timm and open_clip).
+_NON_GEOMETRIC = frozenset({
+    "ToTensor", "MaybeToTensor", "PILToTensor", "MaybePILToTensor", "ToImage", "ToPureTensor", "ToDtype",
+    "ConvertImageDtype", "Normalize", "Lambda", "MaybeConvertMode", "Grayscale", "ToNumpy", "function",
+    "builtin_function_or_method", "partial", "ConvertImageMode",
+})
+
+
+def crop_box(preprocess: Any, image_size: tuple[int, int]) -> CropBox:
+    """The model input's box on an original image of ``image_size = (width, height)``.
+
+    Follows the geometric steps of the model's own preprocessing, in order: torchvision
+    ``Resize`` (an int or one-element size resizes the shorter side, as torchvision does,
+    honouring ``max_size``; a pair ``(h, w)`` squashes), ``CenterCrop`` / ``CenterCropOrPad``
+    (pads symmetrically when the crop is larger, then crops at
+    ``round((size - crop) / 2)``), timm / open_clip ``ResizeKeepRatio``. Steps that do not move
+    pixels (``ToTensor``, ``Normalize``, colour conversions, ``Lambda``) are skipped. Each resize
+    scales coordinates by ``old / new`` and each crop shifts them by its offset, so the box is
+    exact for these transforms.
+
+    Args:
+        preprocess: a :class:`~vitdecomp.model.Model` (its ``transform``), a torchvision-style
+            ``Compose`` (anything with ``.transforms``), one transform, or a
+            :class:`~vitdecomp.adapters.base.Preprocessing` (read the way
+            :func:`~vitdecomp.model.build_transform` builds it).
+        image_size: ``(width, height)`` of the original image (PIL's ``image.size``).
+
+    Raises:
+        InputError: a random geometric step (training augmentation), or a bad size.
+
+    Unknown steps are assumed not to move pixels (logged); compare the box's input size with
+    the transform's actual output (the CLI does) to catch one that does.
+    """
+    from .adapters.base import Preprocessing
+
+    width, height = int(image_size[0]), int(image_size[1])
+    if width <= 0 or height <= 0:
+        raise InputError(f"image size must be positive, got {image_size}")
+    transform = preprocess if isinstance(preprocess, Preprocessing) else getattr(preprocess, "transform", preprocess)
+    steps = _preprocessing_steps(transform) if isinstance(transform, Preprocessing) else _flatten(transform)
+    ax = ay = 0.0
+    sx = sy = 1.0
+    w, h = width, height
+    for step in steps:
+        kind = step[0]
+        if kind == "resize":
+            nh, nw = _resized(step[1], step[2], h, w)
+            sx, sy, w, h = sx * w / nw, sy * h / nh, nw, nh
+        elif kind == "keep_ratio":
+            th, tw = step[1]
+            ratio_h, ratio_w = h / th, w / tw
+            longest = step[2]
+            ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+            nh, nw = round(h / ratio), round(w / ratio)
+            sx, sy, w, h = sx * w / nw, sy * h / nh, nw, nh
+        else:  # centre crop (or pad)
+            ch, cw = step[1]
+            pad_l = (cw - w) // 2 if cw > w else 0
+            pad_t = (ch - h) // 2 if ch > h else 0
+            if cw > w or ch > h:
+                ax, ay = ax - sx * pad_l, ay - sy * pad_t
+                w = w + max(cw - w, 0)
+                h = h + max(ch - h, 0)
+            left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
+            ax, ay, w, h = ax + sx * left, ay + sy * top, cw, ch
+    return CropBox(left=ax, top=ay, right=ax + sx * w, bottom=ay + sy * h, image_width=width,
+                   image_height=height, input_width=w, input_height=h)
+
+
+def _preprocessing_steps(prep: Any) -> list[tuple[Any, ...]]:
+    """The geometric steps :func:`vitdecomp.model.build_transform` makes from a Preprocessing."""
+    h, w = prep.input_size
+    if prep.resize_mode == "squash":
+        return [("resize", (h, w), None)]
+    return [("resize", int(round(min(h, w) / prep.crop_pct)), None), ("crop", (h, w))]
+
+
+def _flatten(transform: Any) -> list[tuple[Any, ...]]:
+    """Geometric steps of a (nested) transform pipeline."""
+    inner = getattr(transform, "transforms", None)
+    if isinstance(inner, (list, tuple)):
+        return [step for t in inner for step in _flatten(t)]
+    name = type(transform).__name__
+    if name == "Resize":
+        return [("resize", getattr(transform, "size", None), getattr(transform, "max_size", None))]
+    if name in ("CenterCrop", "CenterCropOrPad"):
+        size = transform.size
+        size = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(v) for v in size)
+        return [("crop", size if len(size) == 2 else (size[0], size[0]))]
+    if name == "ResizeKeepRatio":
+        if getattr(transform, "random_scale_prob", 0) or getattr(transform, "random_aspect_prob", 0):
+            raise InputError(f"{transform!r} is random (training augmentation); heatmaps need the eval transform")
+        return [("keep_ratio", tuple(int(v) for v in transform.size), float(transform.longest))]
+    if name.startswith("Random"):
+        raise InputError(f"{name} is random (training augmentation); heatmaps need the eval transform")
+    if name not in _NON_GEOMETRIC:
+        log.warning("crop_box: assuming the preprocessing step %s does not move pixels", name)
+    return []
+
+
+def _resized(size: Any, max_size: int | None, h: int, w: int) -> tuple[int, int]:
+    """(new_h, new_w) of torchvision's ``resize`` (``_compute_resized_output_size``)."""
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    short, long = (w, h) if w <= h else (h, w)
+    if size is None:  # v2: only max_size
+        if max_size is None:
+            raise InputError("a Resize with neither size nor max_size")
+        new_short, new_long = int(max_size * short / long), int(max_size)
+    else:
+        requested = int(size[0]) if isinstance(size, (list, tuple)) else int(size)
+        new_short, new_long = requested, int(requested * long / short)
+        if max_size is not None and new_long > max_size:
+            new_short, new_long = int(max_size * new_short / new_long), int(max_size)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return new_h, new_w
+
+
+def _interp_matrix(coords: np.ndarray, n: int) -> np.ndarray:
+    """``[len(coords), n]`` linear-interpolation weights at grid coordinates ``coords`` (clamped
+    to ``[0, n - 1]``, as bilinear resizing with ``align_corners=False`` clamps)."""
+    out = np.zeros((len(coords), n), dtype=np.float64)
+    if n == 1:
+        out[:, 0] = 1.0
+        return out
+    g = np.clip(coords, 0.0, n - 1.0)
+    i0 = np.minimum(np.floor(g).astype(np.int64), n - 2)
+    t = g - i0
+    rows = np.arange(len(coords))
+    out[rows, i0] = 1.0 - t
+    out[rows, i0 + 1] = t
+    return out
+
+
+def map_to_original(patch: Any, box: CropBox) -> tuple[np.ndarray, np.ndarray]:
+    """A token grid evaluated at every pixel centre of the original image.
+
+    The value at original pixel ``(i, j)`` is the bilinear interpolant of the grid ``[gh, gw]``
+    (grid coordinates ``g = u * gw / input_width - 0.5``, clamped, as in
+    :meth:`Heatmap.upsample`) at the model-input point ``(u, v)`` of the pixel's centre. For a
+    box equal to the model input this *is* ``Heatmap.upsample(input size)``. It is separable:
+    ``values = R_y · patch · R_xᵀ`` with ``R_y [H, gh]``, ``R_x [W, gw]`` the interpolation weights.
+
+    Args:
+        patch: ``[gh, gw]`` tensor or array (e.g. ``Heatmap.patch[b]``).
+        box: from :func:`crop_box`.
+
+    Returns:
+        ``(values [H, W] float64, inside [H, W] bool)``; ``inside`` marks the pixels the model saw
+        (values outside are the clamped border values and mean nothing).
+    """
+    grid = _as_numpy(patch).astype(np.float64)
+    if grid.ndim == 3 and grid.shape[0] == 1:
+        grid = grid[0]
+    if grid.ndim != 2:
+        raise InputError(f"patch must be a grid [gh, gw], got shape {grid.shape}")
+    gh, gw = grid.shape
+    u, v = box.to_input(np.arange(box.image_width) + 0.5, np.arange(box.image_height) + 0.5)
+    rx = _interp_matrix(u * gw / box.input_width - 0.5, gw)
+    ry = _interp_matrix(v * gh / box.input_height - 0.5, gh)
+    return ry @ grid @ rx.T, box.inside()
+
+
+def render_original(
+    image: Any,
+    patch: Any,
+    box: CropBox,
+    path: str | Path | None = None,
+    *,
+    alpha: float = 0.5,
+    vmax: float | None = None,
+) -> Image.Image:
+    """Draw a token grid over the original image, at the original size.
+
+    Inside the box the colours are those of :func:`render_overlay` (blue negative, white zero,
+    red positive, ``s = clip(h / vmax, -1, 1)``) blended with weight ``alpha`` over the
+    image; the pixels the model never saw (cropped away) are drawn in flat grey
+    (``0.4 · luminance + 77``, no colour), so what the map covers is visible.
+
+    Args:
+        image: the original image (PIL or uint8 array) of the box's size.
+        patch: ``[gh, gw]`` token grid.
+        box: from :func:`crop_box` for this image's size.
+        path: where to save it; None to only return it.
+        alpha: weight of the colour map, in [0, 1].
+        vmax: value drawn at full saturation; default ``max |patch|``.
+
+    Returns:
+        RGB image of the original size.
+    """
+    from PIL import Image
+
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"alpha must be in [0, 1], got {alpha}")
+    base = _rgb_array(image)
+    if base.shape[:2] != (box.image_height, box.image_width):
+        raise InputError(
+            f"image is {base.shape[1]}x{base.shape[0]} but the crop box was made for "
+            f"{box.image_width}x{box.image_height}")
+    values, inside = map_to_original(patch, box)
+    if not np.all(np.isfinite(values)):
+        raise InputError("the token map contains NaN or infinite values")
+    scale = float(np.abs(_as_numpy(patch)).max()) if vmax is None else float(vmax)
+    if scale < 0:
+        raise InputError(f"vmax must be positive, got {vmax}")
+    rgb = base.astype(np.float32)
+    out = (1.0 - alpha) * rgb + alpha * _signed_colour(values, scale)
+    grey = 0.4 * (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)) + 77.0
+    out = np.where(inside[..., None], out, grey[..., None])
+    result = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="RGB")
+    if path is not None:
+        _save(result, path, "render_original")
+    return result
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def render_panel(
+    overlay: Image.Image,
+    *,
+    vmax: float,
+    prefix: dict[str, float] | None = None,
+    title: str | None = None,
+    path: str | Path | None = None,
+    min_height: int = 256,
+) -> Image.Image:
+    """An overlay with its scale and the prefix tokens beside it, for reading a map.
+
+    Layout: the title on top; the overlay (enlarged by a whole factor, nearest neighbour, until it
+    is at least ``min_height`` tall); to its right a colour bar from ``+vmax`` (red) through 0
+    (white) to ``-vmax`` (blue), labelled; below, one swatch per prefix token (CLS, registers),
+    coloured on the same scale and labelled with its value, since these tokens have no place
+    on the image.
+
+    Args:
+        overlay: e.g. from :func:`render_original`.
+        vmax: the value of full saturation used for the overlay.
+        prefix: ``{name: value}`` of the prefix tokens (empty or None: "no prefix tokens").
+        title: a caption line.
+        path: where to save it.
+        min_height: smallest height of the enlarged overlay.
+    """
+    from PIL import Image, ImageDraw
+
+    factor = max(1, -(-int(min_height) // max(1, overlay.height)))
+    big = overlay.resize((overlay.width * factor, overlay.height * factor), Image.Resampling.NEAREST)
+    font = _font(12)
+    pad, bar_w, label_w, title_h, row_h = 8, 16, 70, 20 if title else 0, 20
+    prefix = dict(prefix or {})
+    n_rows = max(1, -(-len(prefix) // 3))
+    width = pad + big.width + pad + bar_w + 4 + label_w
+    height = pad + title_h + big.height + pad + n_rows * row_h + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    top = pad + title_h
+    canvas.paste(big, (pad, top))
+    # colour bar: +vmax at the top, -vmax at the bottom
+    bar_x = pad + big.width + pad
+    ramp = np.linspace(1.0, -1.0, big.height, dtype=np.float32)
+    bar = np.repeat(_signed_colour(ramp, 1.0)[:, None, :], bar_w, axis=1)
+    canvas.paste(Image.fromarray(np.rint(bar).astype(np.uint8), mode="RGB"), (bar_x, top))
+    draw.rectangle([bar_x, top, bar_x + bar_w - 1, top + big.height - 1], outline=(0, 0, 0))
+    for frac, value in ((0.0, vmax), (0.5, 0.0), (1.0, -vmax)):
+        y = top + frac * (big.height - 1)
+        draw.line([bar_x + bar_w, y, bar_x + bar_w + 3, y], fill=(0, 0, 0))
+        draw.text((bar_x + bar_w + 5, min(max(top, y - 6), top + big.height - 12)), f"{value:+.3g}",
+                  fill=(0, 0, 0), font=font)
+    # prefix tokens
+    y0 = top + big.height + pad
+    if not prefix:
+        draw.text((pad, y0 + 3), "no prefix tokens", fill=(90, 90, 90), font=font)
+    cell_w = max(1, (width - pad) // 3)
+    for k, (name, value) in enumerate(prefix.items()):
+        x = pad + (k % 3) * cell_w
+        y = y0 + (k // 3) * row_h
+        colour = tuple(int(c) for c in np.rint(_signed_colour(np.float32(value), float(vmax))))
+        draw.rectangle([x, y + 2, x + 14, y + 16], fill=colour, outline=(0, 0, 0))
+        draw.text((x + 18, y + 3), f"{name} {value:+.3g}", fill=(0, 0, 0), font=font)
+    if path is not None:
+        _save(canvas, path, "render_panel")
+    return canvas
+
+
+# ----------------------------------------------------------------------- CompAlign
+def aligned_directions(align: CompAlign, directions: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+    """Pull CLIP-space directions back through CompAlign maps, to contract before expanding.
+
+    With ``a_i = F_{g(i)} c_i`` (``F_g [d_clip, d_model]``, ``g(i)`` the map of component ``i``),
+    ``<y_j, a_{i,t}> = <F_{g(i)}ᵀ y_j, c_{i,t}>``. Returns the pulled-back rows
+    ``D [k * n_maps, d_model]`` (row ``j * n_maps + g`` is ``F_gᵀ y_j``) for
+    ``decompose(..., directions=D)``, and per component the columns ``[j * n_maps + g(i) for j]``
+    that :func:`take_columns` keeps.
+
+    Args:
+        align: fitted maps (:class:`~vitdecomp.align.CompAlign`).
+        directions: ``[k, d_clip]`` (or ``[d_clip]``) in the CLIP space.
+    """
+    import torch
+
+    y = directions[None] if directions.dim() == 1 else directions
+    if y.dim() != 2 or y.shape[1] != align.d_clip:
+        raise InputError(f"directions must be [k, {align.d_clip}] (the alignment's CLIP width), "
+                         f"got {tuple(directions.shape)}")
+    maps = align.group_maps.to(torch.float64)
+    pulled = torch.einsum("gcm,kc->kgm", maps, y.to(torch.float64))  # [k, n_maps, d_model]
+    rows = pulled.reshape(-1, align.d_model)
+    n = align.n_maps
+    columns = [[j * n + g for j in range(y.shape[0])] for g in align.map_index]
+    return rows, columns
+
+
+def take_columns(stack: ComponentStack, columns: Sequence[Sequence[int]]) -> ComponentStack:
+    """Each component keeps its own columns of a projected stack.
+
+    ``values'[i, ..., j] = values[i, ..., columns[i][j]]`` (``[comp, batch, (token,) k']``), and the
+    reference becomes the sum of the new values over components (and tokens), accumulated in
+    float64, so the result is again an exact decomposition (of the per-component contraction,
+    e.g. ``<y, Σ_i F_i c_i>`` after :func:`aligned_directions`).
+
+    Raises:
+        InputError: not one column list per component, lists of unequal length, or a column
+            out of range.
+    """
+    import torch
+
+    if len(columns) != stack.n_components:
+        raise InputError(f"{len(columns)} column lists for {stack.n_components} components")
+    widths = {len(c) for c in columns}
+    if len(widths) != 1 or 0 in widths:
+        raise InputError("every component needs the same, non-zero number of columns")
+    idx = torch.as_tensor([list(c) for c in columns], dtype=torch.long, device=stack.values.device)
+    if int(idx.min()) < 0 or int(idx.max()) >= stack.dim:
+        raise InputError(f"columns must lie in 0..{stack.dim - 1}")
+    values = stack.values
+    shape = (idx.shape[0],) + (1,) * (values.dim() - 2) + (idx.shape[1],)
+    picked = torch.take_along_dim(values, idx.reshape(shape).expand(*values.shape[:-1], idx.shape[1]), dim=-1)
+    total = picked.to(torch.float64).sum(0)
+    if stack.has_tokens:
+        total = total.sum(1)
+    return replace(stack, values=picked, reference=total.to(values.dtype), space="projected",
+                   meta={**stack.meta, "columns": "per-component"})

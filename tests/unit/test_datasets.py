@@ -26,6 +26,7 @@ from vitdecomp.data.datasets import (
     open_dataset,
 )
 from vitdecomp.errors import InputError
+from vitdecomp.testing.gtsegs import write_gtsegs
 
 h5py = pytest.importorskip("h5py")
 
@@ -71,40 +72,6 @@ def _mixed_folder(root: Path) -> list[Path]:
     _png(root / "d.png", 4, size=(4, 4))
     good_e = _png(root / "e.png", 5)
     return [good_a, good_e]
-
-
-def write_gtsegs(path: Path, images: list[np.ndarray], masks: list[np.ndarray], ids: list[str]) -> None:
-    """Write a MATLAB v7.3-style ``gtsegs_ijcv.mat``: HDF5 with a 512-byte MAT header userblock.
-
-    ``/value/{img,gt,id}`` are [N, 1] object-reference cells; referenced arrays live in ``/#refs#``
-    and are stored transposed as MATLAB does (image [H, W, 3] -> [3, W, H], mask [H, W] -> [W, H]);
-    ``gt`` is a cell of [1, 1] cells, as in the real file.
-    """
-    n = len(images)
-    with h5py.File(path, "w", userblock_size=512) as f:
-        refs = f.create_group("#refs#")
-        value = f.create_group("value")
-        value.attrs["MATLAB_class"] = np.bytes_("struct")
-        cells = {key: value.create_dataset(key, (n, 1), dtype=h5py.ref_dtype) for key in ("img", "gt", "id")}
-        for key in cells.values():
-            key.attrs["MATLAB_class"] = np.bytes_("cell")
-        for i, (img, mask, name) in enumerate(zip(images, masks, ids)):
-            d_img = refs.create_dataset(f"img{i}", data=np.ascontiguousarray(img.T))
-            d_img.attrs["MATLAB_class"] = np.bytes_("uint8")
-            cells["img"][i, 0] = d_img.ref
-            d_gt = refs.create_dataset(f"gt{i}", data=np.ascontiguousarray(mask.T))
-            d_gt.attrs["MATLAB_class"] = np.bytes_("uint8")
-            inner = refs.create_dataset(f"gtcell{i}", (1, 1), dtype=h5py.ref_dtype)
-            inner[0, 0] = d_gt.ref
-            inner.attrs["MATLAB_class"] = np.bytes_("cell")
-            cells["gt"][i, 0] = inner.ref
-            chars = np.array([[ord(c) for c in name]], dtype=np.uint16)  # MATLAB char row [1, L]
-            d_id = refs.create_dataset(f"id{i}", data=chars.T)  # stored [L, 1]
-            d_id.attrs["MATLAB_class"] = np.bytes_("char")
-            cells["id"][i, 0] = d_id.ref
-    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 ."
-    with open(path, "r+b") as fh:
-        fh.write(header.ljust(116) + b"\x00" * 8 + b"\x00\x02IM")
 
 
 def _seg_arrays() -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -22,7 +22,14 @@ EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_UNSUPPORTED, EXIT_INEXACT = 0, 1, 2, 3, 4
 COMMAND_MODULES = (
     "demo",
     "decompose",
+    "align",
     "label",
+    "score",
+    "retrieve",
+    "heatmap",
+    "segment",
+    "ablate",
+    "debias",
     "models",
     "synth",
 )

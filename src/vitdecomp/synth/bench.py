@@ -168,9 +168,9 @@ def _scorable(table: Any) -> np.ndarray:
 
 
 def _top(table: Any, factor: str, k: int, *, by: str = "score") -> list[int]:
-    scores = (table.selectivity() if by == "selectivity" else table)[factor].copy()
-    scores[~_scorable(table)] = -np.inf
-    return [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
+    from ..retrieve import top_components
+
+    return top_components(table, factor, k, by=by)  # type: ignore[arg-type]
 
 
 def _random_sets(n_rows: int, allowed: np.ndarray, k: int, draws: int, seed: int) -> list[list[int]]:
@@ -212,11 +212,11 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _precision(features: np.ndarray, labels: np.ndarray, queries: np.ndarray, at: int) -> float:
+    from ..retrieve import exact_search, precision_at_k
+
     f = _unit(features)
-    sims = f[queries] @ f.T
-    sims[np.arange(len(queries)), queries] = -np.inf  # never retrieve the query itself
-    nearest = np.argsort(-sims, axis=1, kind="stable")[:, :min(at, f.shape[0] - 1)]
-    return float(np.mean(labels[nearest] == labels[queries, None]))
+    nearest, _ = exact_search(f, f[queries], at, exclude=queries)  # never retrieves the query itself
+    return precision_at_k(nearest, labels, labels[queries])
 
 
 def retrieval_precision(values: np.ndarray, table: Any, truth: dict[str, np.ndarray], *, k: int = 3, at: int = 10,
@@ -260,8 +260,6 @@ def segmentation_bench(model: Model, sample: Sample, text_sets: dict[str, np.nda
     import torch.nn.functional as F
 
     from ..attention_maps import raw_attention, rollout
-    from ..decomposition import decompose
-    from ..heatmap import token_heatmap
     from ..segmentation import SegmentationMetrics
 
     names = [f"decomposition ({name} texts)" for name in text_sets]
@@ -271,7 +269,7 @@ def segmentation_bench(model: Model, sample: Sample, text_sets: dict[str, np.nda
         x = _pixels(model, sample.images[i:i + batch_size])
         maps = {"raw_attention": raw_attention(model, x), "rollout": rollout(model, x)}
         for name, texts in zip(names, text_sets.values()):
-            maps[name] = decomposition_map(model, x, torch.from_numpy(texts).float(), decompose, token_heatmap)
+            maps[name] = decomposition_map(model, x, torch.from_numpy(texts).float())
         for name, grid in maps.items():
             up = F.interpolate(grid[:, None].double(), size=size, mode="bilinear", align_corners=False)[:, 0]
             for b in range(up.shape[0]):
@@ -279,25 +277,15 @@ def segmentation_bench(model: Model, sample: Sample, text_sets: dict[str, np.nda
     return {name: m.result() for name, m in metrics.items()}
 
 
-def decomposition_map(model: Model, x: torch.Tensor, texts: torch.Tensor, decompose: Any = None,
-                      token_heatmap: Any = None) -> torch.Tensor:
+def decomposition_map(model: Model, x: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
     """``[B, gh, gw]``: each patch's contribution through all heads to ``y_pred - mean_c y_c``.
 
-    ``texts`` ``[V, d]``; ``pred`` is the model's own argmax over them (from the exact sum).
+    ``texts`` ``[V, d]``; ``pred`` is the model's own argmax over them. The map of the
+    segmentation harness, :func:`vitdecomp.segment_run.decomposition_map`.
     """
-    import torch
+    from ..segment_run import decomposition_map as contrastive_map
 
-    if decompose is None:
-        from ..decomposition import decompose
-    if token_heatmap is None:
-        from ..heatmap import token_heatmap
-    stack = decompose(model, x, granularity="head_token", directions=texts)  # values [comp, B, tok, V]
-    pred = stack.reference  # z projected on the texts: [B, V]
-    heads = [str(lab) for lab in stack.labels if lab.kind == "head"]
-    per_text = torch.stack([token_heatmap(stack, j, components=heads).patch for j in range(texts.shape[0])], dim=1)
-    target = torch.full(pred.shape, -1.0 / texts.shape[0], dtype=per_text.dtype)
-    target[torch.arange(pred.shape[0]), pred.argmax(1)] += 1.0  # e_pred - mean_c e_c
-    return torch.einsum("bv,bvhw->bhw", target, per_text)
+    return contrastive_map(model, x, texts)
 
 
 def spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], n: int = 600, k: int = 3,
@@ -311,6 +299,7 @@ def spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], 
     and the same after ablating ``k`` random components (``n_random`` draws: mean, sd, max).
     """
     from ..ablate import ablate
+    from ..debias import random_sets, top_k
     from .dataset import PLACES
     from .train import group_accuracy
 
@@ -337,14 +326,12 @@ def spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], 
     scores = np.array([_abs_corr(l, place_val) - _abs_corr(l, y_val) for l in logit_share])
     allowed = _selectable(labels)
     scores[~allowed] = -np.inf
-    chosen = [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
+    chosen = top_k(scores, allowed, k)
     def evaluate(rows: Sequence[int]) -> dict[str, Any]:
         z = ablate(test, [int(i) for i in rows], mode="mean", reference=val).numpy()  # val means
         return group_accuracy((z @ w.T + b).argmax(1), y_test, place_test)
 
-    rng = np.random.default_rng([seed, 13])
-    pool = np.flatnonzero(allowed)
-    random_runs = [evaluate(rng.choice(pool, size=k, replace=False).tolist()) for _ in range(n_random)]
+    random_runs = [evaluate(rows) for rows in random_sets(np.random.default_rng([seed, 13]), allowed, k, n_random)]
     wga = [r["worst_group"] for r in random_runs]
     return {
         "selected": [str(labels[i]) for i in chosen],
