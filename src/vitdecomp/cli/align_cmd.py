@@ -11,7 +11,9 @@ writes:
   killed run (or one ended by ``--stop-after``) continues with ``--resume`` and gives the maps
   of an uninterrupted run;
 * ``DIR/align.json``: held-out metrics (mean cosine of the mapped sum with the CLIP embedding,
-  orthogonality defect per map, optional zero-shot accuracy of the mapped sum) and the run record.
+  orthogonality defect per map, optional zero-shot accuracy of the mapped sum, optional TextSpan
+  match rate ``metrics.textspan_match_rate``, METHOD §3 metric (b), with ``--match-rate``) and the
+  run record.
 """
 from __future__ import annotations
 
@@ -83,6 +85,19 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="text file, one class name per line, line k naming the stores' target k")
     z.add_argument("--model", help="CLIP model spec for the class texts (default: the CLIP store's model)")
     z.add_argument("--templates", default="photo", help="template set for the class names (default photo)")
+    t = p.add_argument_group("TextSpan match rate (METHOD §3 metric (b), optional)")
+    t.add_argument("--match-rate", action="store_true",
+                   help="per head, TextSpan over the model's own classifier rows on the raw components against "
+                   "TextSpan over the CLIP embeddings of the class names on the mapped components; writes the mean "
+                   "agreement as metrics.textspan_match_rate (needs the store's model to have a classifier)")
+    t.add_argument("--match-classes", type=Path, metavar="FILE",
+                   help="names of the model's classifier classes, line k = class k (default: --classes)")
+    t.add_argument("--match-m", type=int, default=10, help="TextSpan picks per head for the match rate (default 10)")
+    t.add_argument("--match-rank", type=int, default=80, help="TextSpan rank for the match rate (default 80)")
+    t.add_argument("--match-split", choices=("val", "all"), default="val",
+                   help="rows whose moments feed the match rate: held-out (default) or all usable rows")
+    t.add_argument("--match-components", choices=("heads", "all"), default="heads",
+                   help="components scored: attention heads (default) or every component")
     p.set_defaults(run=run)
 
 
@@ -162,8 +177,15 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--stop-after must be >= 1")
     if args.read_batch is not None and args.read_batch < 1:
         raise InputError("--read-batch must be >= 1")
-    if args.model and not args.classes:
+    if args.model and not (args.classes or args.match_rate):
         raise InputError("--model names the CLIP whose text tower embeds --classes; give --classes too")
+    match_classes = args.match_classes or args.classes
+    if args.match_rate and match_classes is None:
+        raise InputError("--match-rate needs the names of the model's classes: --match-classes FILE (or --classes)")
+    if args.match_classes is not None and not args.match_rate:
+        raise InputError("--match-classes is only read with --match-rate")
+    if args.match_m < 1:
+        raise InputError("--match-m must be at least 1")
     store = ComponentStore.open(args.store)
     clip_store = ComponentStore.open(args.clip_store)
     labels = list(store.labels)
@@ -187,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     zero_shot_model = None
     if args.classes is not None:
         head, zero_shot_model = _class_head(args, clip_store, d_clip)
+    match_inputs = _match_inputs(args, store, clip_store, match_classes, d_clip) if args.match_rate else None
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -253,6 +276,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if head is not None:
         metrics["zero_shot"] = _zero_shot(align, base, store, head, config)
+    if match_inputs is not None:
+        metrics["textspan_match_rate"] = _match_rate(args, align, base, labels, config, match_inputs)
     payload = {
         "store": str(args.store),
         "clip_store": str(args.clip_store),
@@ -270,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
         "fit_seconds": fit_s,
         "metrics": metrics,
         "run": run_record("align", args, stores={"model": store, "clip": clip_store},
-                          files={"classes": args.classes} if args.classes is not None else None,
+                          files={k: v for k, v in (("classes", args.classes), ("match_classes", args.match_classes))
+                                 if v is not None} or None,
                           extra={"config": config.to_json(), "resumed_at_epoch": next_epoch or None,
                                  "zero_shot_model": zero_shot_model}),
     }
@@ -283,6 +309,11 @@ def run(args: argparse.Namespace) -> int:
         zs = metrics["zero_shot"]
         lines.append(f"zero-shot accuracy of the mapped sum {_pct(zs['val']['aligned'])} (CLIP itself "
                      f"{_pct(zs['val']['clip'])}) on {zs['val']['n']} held-out rows")
+    if match_inputs is not None:
+        mr = metrics["textspan_match_rate"]
+        lines.append(f"TextSpan match rate {_pct(mr['match_rate'])} (ordered {_pct(mr['match_rate_ordered'])}) over "
+                     f"{mr['n_components']} components, m = {mr['m']} (chance {_pct(mr['chance'])}), {mr['n_images']} "
+                     f"{args.match_split} rows")
     lines.append(f"wrote {align_path} and {out / RESULT_FILE}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
@@ -292,17 +323,18 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _class_head(args: argparse.Namespace, clip_store: Any, d_clip: int) -> tuple[Any, str]:
-    """Zero-shot head ``[n_classes, d_clip]`` of the class names in ``--classes``."""
+def _class_head(args: argparse.Namespace, clip_store: Any, d_clip: int, path: Path | None = None) -> tuple[Any, str]:
+    """Zero-shot head ``[n_classes, d_clip]`` of the class names in ``path`` (default ``--classes``)."""
     from ..loading import load
     from ..text import text_encoder, zero_shot_head
 
-    if not args.classes.is_file():
-        raise InputError(f"--classes: no such file {args.classes}")
-    names = [line.strip() for line in args.classes.read_text(encoding="utf-8").splitlines()]
+    path = path if path is not None else args.classes
+    if not path.is_file():
+        raise InputError(f"--classes: no such file {path}")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
-        raise InputError(f"--classes {args.classes} lists no class names")
+        raise InputError(f"--classes {path} lists no class names")
     spec = args.model or clip_store.config.model
     model = load(spec)
     if args.model is None and model.weights != clip_store.config.weights:
@@ -350,4 +382,77 @@ def _zero_shot(align: Any, source: Any, store: Any, head: Any, config: Any) -> d
         result[split] = {"n": n, "aligned": c["aligned"] / n if n else None, "clip": c["clip"] / n if n else None}
     if counts["all"]["n"] == 0:
         result["note"] = "no usable row has a known target below the number of classes"
+    return result
+
+
+def _classifier_rows(store: Any) -> Any:
+    """The classifier rows ``W [n_classes, d_model]`` of the store's own model (``logits = z Wᵀ + b``).
+
+    The model is loaded as the store records it (:func:`~vitdecomp.cli._common.load_store_model`); a store
+    of a shipped tiny model (``tiny:KIND:FOLDER``) reloads that shipped model.
+    """
+    import torch
+
+    from ._common import load_store_model
+
+    name = str(store.config.model)
+    if name.startswith("tiny:"):
+        from ..synth.tiny import load_tiny
+        from ..synth.weights import shipped_path
+
+        model = load_tiny(shipped_path(name.rsplit(":", 1)[-1]))
+    else:
+        model = load_store_model(store, None)
+    found = model.classifier()
+    if found is None:
+        raise InputError(f"{name} has no classifier head of its own: the match rate needs its class vectors")
+    return found[0].detach().to(torch.float64).cpu()
+
+
+def _match_inputs(args: argparse.Namespace, store: Any, clip_store: Any, classes: Path, d_clip: int) -> dict[str, Any]:
+    """Classifier rows, CLIP class embeddings and class names for :func:`_match_rate` (checked before the fit)."""
+    rows = _classifier_rows(store)
+    if rows.shape[1] != store.comp_shape[-1]:
+        raise InputError(f"the classifier of {store.config.model} is {rows.shape[1]} wide, the components "
+                         f"{store.comp_shape[-1]}: the store does not hold the classifier's input features")
+    emb, spec = _class_head(args, clip_store, d_clip, classes)
+    names = [n.strip() for n in classes.read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if len(names) != rows.shape[0]:
+        raise InputError(f"{classes} names {len(names)} classes, the classifier of {store.config.model} has "
+                         f"{rows.shape[0]}: line k must name the model's class k")
+    return {"rows": rows, "embeddings": emb, "names": names, "text_model": spec}
+
+
+def _match_rate(args: argparse.Namespace, align: Any, source: Any, labels: list[str], config: Any,
+                inputs: dict[str, Any]) -> dict[str, Any]:
+    """TextSpan match rate (:func:`vitdecomp.textspan.textspan_match_rate`) from one pass over the rows of
+    ``--match-split``: the model-space moments of the scored components (the mapped moments follow exactly)."""
+    import torch
+
+    from ..align import validation_mask
+    from ..store import RunningMoments
+    from ..textspan import textspan_match_rate
+
+    comps = ([i for i, n in enumerate(labels) if ".H" in n] if args.match_components == "heads"
+             else list(range(len(labels))))
+    if not comps:
+        raise InputError("--match-rate: the store has no attention heads (use --match-components all)")
+    idx = torch.as_tensor(comps, dtype=torch.long)
+    moments = RunningMoments(len(comps), align.d_model, covariance=True)
+    for values, _, rows in source():
+        if args.match_split == "val":
+            keep = torch.from_numpy(validation_mask(rows.numpy(), config.seed, config.val_fraction))
+            values = values[keep]
+        if values.shape[0]:
+            moments.update(values.index_select(1, idx).to(torch.float64))
+    if moments.count < 2:
+        raise InputError(f"--match-rate: {moments.count} {args.match_split} rows; the moments need more "
+                         "(--match-split all, or more rows)")
+    maps = align.maps.index_select(0, idx)
+    result = textspan_match_rate(moments, maps, inputs["rows"], inputs["embeddings"],
+                                 labels=[labels[i] for i in comps], class_names=inputs["names"], m=args.match_m,
+                                 rank=args.match_rank)
+    result.update(split=args.match_split, text_model=inputs["text_model"], templates=args.templates,
+                  components=args.match_components)
     return result
