@@ -11,7 +11,10 @@ LayerScale, 1 without one), the chain rule gives, per image,
 
 so one forward pass of the stock module with a forward hook on the module that returns the
 attention write (timm ``Block.ls1``, open_clip ``ResidualAttentionBlock.ls_1``; an ``Identity``
-without LayerScale), one ``torch.autograd.grad`` of the target with respect to those writes,
+without LayerScale; for transformers models, whose attention output projection is an
+``nn.Linear`` called as a module, that projection: ``g`` is then taken before the LayerScale,
+so ``gamma`` is already in it and the rule reads ``G = (g W_O^{h T}) V_h^T``), one
+``torch.autograd.grad`` of the target with respect to those writes,
 and the adapter's own ``q, k, v`` (:class:`~vitdecomp.adapters.base.AttentionMap.qkv`, as
 :mod:`vitdecomp.attention_maps` reads them) give exact gradients. Nothing in the model is
 replaced or edited, and no parameter's ``.grad`` is touched.
@@ -35,8 +38,11 @@ one-hot target on the model output) or CLIP zero-shot (``logits = s cos(z, y_c)`
 the model's ``exp(logit_scale)``, as the ``logits_per_image`` their CLIP notebook
 differentiates). The default target is each image's top class.
 
-Isotropic timm and open_clip ViTs are supported (also open_clip towers with a timm ViT trunk);
-other families raise :class:`~vitdecomp.errors.UnsupportedModelError`.
+Isotropic timm, open_clip (also towers with a timm ViT trunk) and transformers ViTs (CLIP,
+SigLIP, ViT, DINOv2 with or without registers; any attention implementation) are supported;
+Swin and MaxViT (windowed attention, no token-by-token pattern per block) raise
+:class:`~vitdecomp.errors.UnsupportedModelError`; :func:`gradient_support` says so without
+running anything.
 
 Example (tiny random timm ViT, offline)::
 
@@ -76,6 +82,7 @@ __all__ = [
     "chefer_relevance",
     "gradcam_row",
     "chefer_relevance_matrix",
+    "gradient_support",
 ]
 
 log = logging.getLogger(__name__)
@@ -306,20 +313,54 @@ class AttentionPass:
         return self._grid(query_row(rel, self.prefix_types, query))
 
 
-def _write_module(blk: Any, layer: int) -> nn.Module:
-    """The module whose output is block ``layer``'s attention write (before the residual add)."""
+def _write_module(blk: Any, layer: int) -> tuple[nn.Module, bool]:
+    """The module whose output is block ``layer``'s attention write, and whether LayerScale follows it.
+
+    timm ``Block.ls1`` / open_clip ``ResidualAttentionBlock.ls_1`` return ``gamma * w`` (the write
+    itself; ``False``). Otherwise the attention's output projection, found as the ``nn.Linear``
+    inside the block whose weight is the adapter's ``W_O`` (``AttentionMap.w_out`` is a view of
+    it; transformers CLIP/SigLIP ``out_proj``, ViT/DINOv2 ``o_proj`` / ``output.dense``): its
+    output is ``sum_h Y_h W_O^h + b_O``, before any LayerScale (``True``: the gradient seen there
+    already carries ``gamma``). A projection that is not called as a module (torch
+    ``nn.MultiheadAttention`` inside open_clip) never reaches here because ``ls_1`` exists.
+    """
     from torch import nn
 
     module = blk.module
     for name in ("ls1", "ls_1"):  # timm Block, open_clip ResidualAttentionBlock
         found = getattr(module, name, None)
         if isinstance(found, nn.Module):
-            return found
+            return found, False
+    w_out = blk.attn.w_out
+    d_in = int(w_out.shape[0] * w_out.shape[1])
+    for sub in module.modules():
+        if (isinstance(sub, nn.Linear) and sub.in_features == d_in and sub.out_features == int(w_out.shape[-1])
+                and sub.weight.data_ptr() == w_out.data_ptr()):
+            return sub, True
     raise UnsupportedModelError(
         f"block {layer} ({type(module).__name__}): gradient maps (GradCAM, Chefer relevance) read the attention "
-        "write as the output of the block's layer-scale module (timm `ls1`, open_clip `ls_1`); this block has "
-        "neither. Supported: timm VisionTransformer and open_clip ViT towers"
+        "write as the output of the block's layer-scale module (timm `ls1`, open_clip `ls_1`) or of the "
+        "attention's output projection (an nn.Linear holding W_O, as in transformers ViT/CLIP/SigLIP/DINOv2); "
+        "this block has neither"
     )
+
+
+def gradient_support(model: Model | nn.Module) -> str | None:
+    """None when :func:`attention_pass` can compute gradient maps for ``model``, else the reason.
+
+    Cheap (reads the adapter's map, runs nothing). Supported: isotropic timm, open_clip and
+    transformers ViTs; Swin / MaxViT (windowed attention) are not.
+    """
+    from .attention_maps import _vit_map
+    from .model import wrap
+
+    try:
+        vmap = _vit_map(wrap(model))
+        for i, blk in enumerate(vmap.blocks):
+            _write_module(blk, i)
+    except UnsupportedModelError as exc:
+        return str(exc)
+    return None
 
 
 def attention_pass(
@@ -364,6 +405,7 @@ def attention_pass(
         raise InputError("gradients need a target: pass a LogitHead (classifier_head / text_head)")
     vmap = _vit_map(m)  # fail on Swin/MaxViT before running anything
     writers = [_write_module(blk, i) for i, blk in enumerate(vmap.blocks)] if gradients else []
+    pre_scale = [after for _, after in writers]
     run_dtype = m.dtype
     dt = torch.float64 if run_dtype == torch.float64 else torch.float32
     batch = int(pixels.shape[0])
@@ -391,7 +433,7 @@ def attention_pass(
             with torch.no_grad():
                 q, k, v = attn.qkv(caps.pop(layer))
                 probs[layer] = torch.softmax((q.to(dt) @ k.to(dt).transpose(-1, -2)) * attn.scale, dim=-1)
-                values[layer] = v.to(dt)
+                values[layer] = v.detach().to(dt)  # a view of the live graph for some adapters
             n_tokens.append(int(k.shape[-2]))
 
         return fn
@@ -411,7 +453,7 @@ def attention_pass(
                 specs.append((cp.module, cp.where, capture(layer, cp.key)))
             specs.append((blk.module, "output", block_end(layer)))
             if gradients:
-                specs.append((writers[layer], "output", write(layer)))
+                specs.append((writers[layer][0], "output", write(layer)))
         with hooks(specs):
             z = vmap.forward(x)
         if any(p is None for p in probs):
@@ -430,7 +472,8 @@ def attention_pass(
             g_writes = torch.autograd.grad(selected, [w for w in writes if w is not None], allow_unused=True)
             grads = []
             for layer, blk in enumerate(vmap.blocks):
-                grads.append(_prob_grads(blk, g_writes[layer], values[layer], probs[layer], dt, batch))
+                grads.append(_prob_grads(blk, g_writes[layer], values[layer], probs[layer], dt, batch,
+                                         scaled=not pre_scale[layer]))
     info = _token_info(vmap, x, n_tokens[0])
     assert info.grid is not None
     return AttentionPass(
@@ -459,9 +502,13 @@ def _targets(target: Any, logits: torch.Tensor) -> torch.Tensor:
 
 def _prob_grads(
     blk: Any, g_write: torch.Tensor | None, v: torch.Tensor | None, probs: torch.Tensor | None,
-    dt: torch.dtype, batch: int,
+    dt: torch.dtype, batch: int, *, scaled: bool = True,
 ) -> torch.Tensor:
-    """``G_h = ((g * gamma) W_O^{hT}) V_h^T``: ``[B, H, N, N]`` from the write's gradient ``g [B, N, d]``."""
+    """``G_h = ((g * gamma) W_O^{hT}) V_h^T``: ``[B, H, N, N]`` from the write's gradient ``g [B, N, d]``.
+
+    ``scaled=False``: ``g`` was taken at the output projection, before LayerScale, so ``gamma``
+    is already in it and is not applied again.
+    """
     import torch
 
     assert v is not None and probs is not None
@@ -472,7 +519,7 @@ def _prob_grads(
             f"attention write of shape {tuple(g_write.shape)} is not batch-first [B, N, d] for a batch of {batch}"
         )
     g = g_write.detach().to(dt)
-    gamma = blk.ls1
+    gamma = blk.ls1 if scaled else None
     if gamma is not None:
         g = g * gamma.detach().to(dt)
     w_out = blk.attn.w_out.detach().to(device=g.device, dtype=dt)  # [H, dh, d]

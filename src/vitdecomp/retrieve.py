@@ -32,6 +32,18 @@ folder belongs to one store content: opening it with another store (or the same 
 more chunks were written or it was finalised again) raises :class:`IndexMismatchError` listing
 what differs (pass ``rebuild=True`` to start over).
 
+**Through a CompAlign** (text queries on a non-CLIP store, METHOD §3 + §6.2): ``build_index(...,
+align=A)`` maps every component into the CLIP space first and sums the mapped contributions,
+
+    z_G(x) = s_G(x) / ‖s_G(x)‖,    s_G(x) = Σ_{i∈G} F_i c_i(x)      (F_i: component i's map, [d_clip, d])
+
+and the full group is the aligned representation ``Σ_i F_i c_i(x)`` (all components). The index
+then lives in the CLIP space (``dim = d_clip``), so :func:`by_text` takes the CLIP's text
+embeddings. ``index.json`` records the alignment (``"alignment"``: the file and its sha256 when
+it came from a file, a digest of the maps themselves, ``d_clip``): building into a folder made
+with another alignment (or none) raises :class:`IndexMismatchError`. The default folder of an
+aligned index is ``STORE/retrieval-align-<digest>``, so it never collides with the plain one.
+
 faiss is optional (``pip install 'vitdecomp[retrieval]'``); ``backend="numpy"`` stores the same
 float16 vectors as ``.npy`` and answers with an exact blocked brute force over them (decoded to
 float32 in memory when first searched; slower per query than faiss, see ``benchmarks/retrieval.py``).
@@ -69,6 +81,7 @@ from .errors import InputError
 if TYPE_CHECKING:
     import torch
 
+    from .align import CompAlign
     from .score import ScoreTable
     from .store import ComponentStore
 
@@ -83,6 +96,7 @@ __all__ = [
     "build_index",
     "by_image",
     "by_text",
+    "alignment_record",
     "exact_search",
     "feature_groups",
     "full_group",
@@ -537,6 +551,78 @@ def _identity_problems(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> l
             for key in _STORE_KEYS if recorded.get(key) != now.get(key)]
 
 
+def _maps_digest(align: CompAlign) -> str:
+    """sha256 of what the maps do: ``group_maps`` (float32 bytes, shape), ``map_index`` and labels."""
+    import torch
+
+    digest = hashlib.sha256()
+    maps = align.group_maps.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    digest.update(json.dumps({"shape": list(maps.shape), "map_index": list(align.map_index),
+                              "labels": None if align.labels is None else list(align.labels),
+                              "identity": align.is_identity}).encode())
+    digest.update(maps.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def alignment_record(align: CompAlign | str | Path) -> tuple[CompAlign, dict[str, Any]]:
+    """``(maps, record)`` for ``build_index(..., align=...)``.
+
+    ``align`` is a :class:`~vitdecomp.align.CompAlign`, its ``.safetensors`` file, or a folder
+    written by ``vitdecomp align --out DIR`` (see :func:`vitdecomp.cli._common.find_alignment`).
+    The record holds ``maps_sha256`` (a digest of the maps: the identity an index is checked
+    against), ``file`` and ``sha256`` (the file's, None for an object), ``d_clip``, ``d_model``,
+    ``n_components`` and the model / CLIP the maps were fitted for (when recorded).
+    """
+    from .align import CompAlign
+    from .model import file_sha256
+
+    file: Path | None = None
+    if isinstance(align, CompAlign):
+        maps = align
+    elif isinstance(align, (str, Path)):
+        from .cli._common import find_alignment
+
+        file = find_alignment(Path(align))
+        maps = CompAlign.load(file)
+    else:
+        raise InputError(f"align must be a CompAlign or the path of one, got {type(align).__name__}")
+    record = {
+        "maps_sha256": _maps_digest(maps),
+        "file": None if file is None else str(file),
+        "sha256": None if file is None else file_sha256(file),
+        "d_clip": maps.d_clip, "d_model": maps.d_model, "n_components": maps.n_components,
+        "n_maps": maps.n_maps, "identity": maps.is_identity,
+        "model": maps.meta.get("model"), "clip_model": maps.meta.get("clip_model"),
+    }
+    return maps, record
+
+
+def _alignment_problems(recorded: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> list[str]:
+    def say(rec: Mapping[str, Any] | None) -> str:
+        if rec is None:
+            return "no alignment (the store's own space)"
+        where = f" from {rec['file']} (sha256 {str(rec['sha256'])[:12]})" if rec.get("file") else ""
+        return f"alignment with maps {rec['maps_sha256'][:12]}{where}"
+
+    old = None if recorded is None else recorded.get("maps_sha256")
+    new = None if now is None else now.get("maps_sha256")
+    return [] if old == new else [f"alignment: index built with {say(recorded)}, asked for {say(now)}"]
+
+
+def _check_alignment_fits(align: CompAlign, store: ComponentStore) -> None:
+    n, d = int(store.comp_shape[0]), int(store.comp_shape[-1])
+    if align.n_components != n or align.d_model != d:
+        raise InputError(f"the alignment maps {align.n_components} components of width {align.d_model}, but the "
+                         f"store {store.path} has {n} of width {d}: use the maps fitted on this store's model and "
+                         "granularity")
+    if align.labels is not None and tuple(align.labels) != tuple(str(x) for x in store.labels):
+        raise InputError(f"the alignment was fitted for other components than those of {store.path} "
+                         f"(e.g. {list(align.labels[:3])} vs {list(store.labels[:3])})")
+    fitted_on = align.meta.get("model")
+    if fitted_on is not None and fitted_on != store.config.model:
+        raise InputError(f"the alignment maps the components of {fitted_on}, not of the store's {store.config.model}")
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -594,6 +680,11 @@ class RetrievalIndex:
                     + "\n  ".join(problems)
                     + "\nRebuild it (rebuild=True, or --rebuild) or choose another index folder.")
         return cls(p, info)
+
+    @property
+    def alignment(self) -> dict[str, Any] | None:
+        """The CompAlign record the index was built through (see :func:`alignment_record`), or None."""
+        return self.info.get("alignment")
 
     @property
     def groups(self) -> list[ComponentGroup]:
@@ -668,6 +759,7 @@ def build_index(
     batch_size: int | None = None,
     rebuild: bool = False,
     progress: bool = False,
+    align: CompAlign | str | Path | None = None,
 ) -> RetrievalIndex:
     """Index every valid row of ``store`` for each group; groups already built are reused.
 
@@ -679,17 +771,23 @@ def build_index(
     Args:
         store: the store (valid rows of its done chunks are indexed).
         groups: the groups to have; duplicates (same member set) are built once.
-        path: index folder (default ``STORE/retrieval``).
+        path: index folder (default ``STORE/retrieval``, or ``STORE/retrieval-align-<digest>``
+            with ``align``).
         backend: ``"faiss"`` (``IndexScalarQuantizer`` float16, inner product; needs faiss) or
             ``"numpy"`` (float16 ``.npy``, exact brute force). A group built with the other
             backend is rebuilt.
         batch_size: items per pass step (default the store's chunk size).
         rebuild: delete the folder's contents first (also the way out of a store mismatch).
         progress: show a progress bar.
+        align: index in a CLIP space through these maps (a CompAlign, its file or its
+            ``vitdecomp align`` folder): ``z_G = Σ_{i∈G} F_i c_i / ‖·‖`` (sums in float64 of the
+            float32 mapped contributions), full group ``Σ_i F_i c_i``; see the module docs.
 
     Raises:
-        IndexMismatchError: the folder was built for another store (or state) and ``rebuild`` is False.
-        InputError: unknown components, an empty store, or faiss missing for ``backend="faiss"``.
+        IndexMismatchError: the folder was built for another store (or state) or another
+            alignment, and ``rebuild`` is False.
+        InputError: unknown components, an empty store, faiss missing for ``backend="faiss"``,
+            or an alignment fitted for other components.
     """
     if backend not in _BACKENDS:
         raise InputError(f"unknown backend {backend!r}; use one of {_BACKENDS}")
@@ -697,7 +795,13 @@ def build_index(
         _faiss()
     if not groups:
         raise InputError("no groups to index")
-    root = Path(path) if path is not None else Path(store.path) / "retrieval"
+    maps: CompAlign | None = None
+    align_rec: dict[str, Any] | None = None
+    if align is not None:
+        maps, align_rec = alignment_record(align)
+        _check_alignment_fits(maps, store)
+    default = "retrieval" if align_rec is None else f"retrieval-align-{align_rec['maps_sha256'][:12]}"
+    root = Path(path) if path is not None else Path(store.path) / default
     identity = _store_identity(store)
     if rebuild and root.exists():
         if not (root / "index.json").is_file() and any(root.iterdir()):
@@ -707,6 +811,11 @@ def build_index(
     if (root / "index.json").is_file():
         existing = RetrievalIndex.open(root, store)  # raises on a mismatch
         info = existing.info
+        problems = _alignment_problems(info.get("alignment"), align_rec)
+        if problems:
+            raise IndexMismatchError(f"the retrieval index {root} was built in another space:\n  "
+                                     + "\n  ".join(problems)
+                                     + "\nRebuild it (rebuild=True, or --rebuild) or choose another index folder.")
     elif root.exists() and any(root.iterdir()):
         raise InputError(f"{root} exists and is not a retrieval index folder; choose another path")
     unique: dict[str, ComponentGroup] = {}
@@ -723,7 +832,7 @@ def build_index(
                     len(store.done_chunks()), store.n_chunks)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    built = _stream_groups(store, todo, members, backend, batch_size, progress)
+    built = _stream_groups(store, todo, members, backend, batch_size, progress, maps)
     seconds = time.perf_counter() - t0
     rows, ids, sinks = built
     if info is not None and not np.array_equal(rows, np.load(root / "rows.npy")):
@@ -739,8 +848,11 @@ def build_index(
             "n": int(rows.size),
             "rows_file": "rows.npy",
             "ids_file": "ids.json",
-            "normalisation": "l2: z_G(x) = sum_{i in G} c_i(x) / ||.||, zero sums stay zero; "
-                             "full = the stored reference / ||.||; inner product = cosine",
+            "normalisation": ("l2: z_G(x) = sum_{i in G} c_i(x) / ||.||, zero sums stay zero; "
+                              "full = the stored reference / ||.||; inner product = cosine") if maps is None else
+                             ("l2 in the CLIP space: z_G(x) = sum_{i in G} F_i c_i(x) / ||.||, zero sums stay zero; "
+                              "full = sum_i F_i c_i(x) / ||.||; inner product = cosine"),
+            "alignment": align_rec,
             "metric": "inner_product",
             "storage": "float16",
             "groups": {},
@@ -808,11 +920,16 @@ class _Sink:
 
 
 def _stream_groups(store: ComponentStore, groups: Sequence[ComponentGroup], members: Sequence[np.ndarray | None],
-                   backend: str, batch_size: int | None, progress: bool) -> tuple[np.ndarray, list[str], list[_Sink]]:
-    """One pass: per batch, each group's unit vectors into its sink; returns (rows, ids, sinks)."""
+                   backend: str, batch_size: int | None, progress: bool,
+                   align: CompAlign | None = None) -> tuple[np.ndarray, list[str], list[_Sink]]:
+    """One pass: per batch, each group's unit vectors into its sink; returns (rows, ids, sinks).
+
+    With ``align``, every component is first mapped (``F_i c_i``, :meth:`CompAlign.apply`) and
+    the full group is the sum of all mapped components.
+    """
     import torch
 
-    dim = int(store.comp_shape[-1])
+    dim = int(store.comp_shape[-1]) if align is None else align.d_clip
     sinks = [_Sink(backend, dim) for _ in groups]
     rows: list[np.ndarray] = []
     ids: list[str] = []
@@ -821,9 +938,13 @@ def _stream_groups(store: ComponentStore, groups: Sequence[ComponentGroup], memb
     try:
         for stack in store.iter_batches(batch_size):
             stack = stack.sum_tokens()
+            if align is not None:
+                stack = align.apply(stack)  # [comp, b, d_clip]; reference = sum of the mapped components
             values = stack.values  # [comp, b, d] float32
             for sink, idx in zip(sinks, members):
-                if idx is None:
+                if idx is None and align is not None:
+                    s = values.to(torch.float64).sum(0)
+                elif idx is None:
                     s = stack.reference.to(torch.float64)
                 else:
                     s = values.index_select(0, torch.from_numpy(idx)).to(torch.float64).sum(0)

@@ -23,7 +23,17 @@ logit of the model's head; see :class:`~vitdecomp.relevance.LogitHead`):
 
 The attention baselines come from one forward (and one backward for the gradient ones) of the
 stock model, :func:`~vitdecomp.relevance.attention_pass`; the decomposition from one
-:func:`~vitdecomp.decompose` pass per batch. Items that cannot be read (corrupt image, missing
+:func:`~vitdecomp.decompose` pass per batch.
+
+Architectures (:func:`method_availability`): every method runs on isotropic ViTs (timm,
+open_clip, transformers CLIP / SigLIP / ViT / DINOv2 with registers). Swin and MaxViT have no
+token-by-token attention per block, so ``raw_attention``, ``rollout``, ``gradcam`` and
+``chefer`` are *unavailable* for them: the run goes on with the other methods and the result
+records each unavailable method with its reason (:attr:`SegmentationResult.unavailable`, a row
+of the table, ``"unavailable"`` in the JSON). Their decomposition map is on the last-stage grid
+(the token axis of their ``head_token`` decomposition); for Swin the heads summed start by
+default at the first block of the last stage (the only stage whose heads split over that grid,
+as ``vitdecomp heatmap`` does). Items that cannot be read (corrupt image, missing
 mask, mask of another size, non-binary mask) are skipped and recorded with their reason.
 
 Sources: :class:`~vitdecomp.data.datasets.ImageNetSegmentation` (``gtsegs_ijcv.mat``) or
@@ -76,6 +86,8 @@ __all__ = [
     "SegmentationResult",
     "load_item",
     "decomposition_map",
+    "default_decomposition_start",
+    "method_availability",
     "run_segmentation",
     "format_table",
 ]
@@ -210,6 +222,7 @@ class SegmentationResult:
         examples: the first items as ``{"id", "image", "mask", "maps": {method: [H, W] float32}}``.
         seconds: wall time per stage (``load``, ``attention_pass``, ``decomposition``, ``metrics``).
         protocol: the settings (size, methods, start layers, target, head).
+        unavailable: method -> why it could not run on this model (those methods have no metrics).
     """
 
     metrics: dict[str, dict[str, float]]
@@ -218,6 +231,7 @@ class SegmentationResult:
     examples: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     protocol: dict[str, Any] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_images(self) -> int:
@@ -226,6 +240,7 @@ class SegmentationResult:
     def to_json(self) -> dict[str, Any]:
         """JSON-able summary (examples left out)."""
         return {"protocol": self.protocol, "metrics": self.metrics, "metric_labels": METRIC_LABELS,
+                "unavailable": self.unavailable,
                 "n_images": self.n_images, "n_skipped": len(self.skipped), "skipped": self.skipped,
                 "seconds": self.seconds, "items": self.items}
 
@@ -319,6 +334,51 @@ def decomposition_map(
     return out
 
 
+def default_decomposition_start(model: Model | nn.Module) -> int:
+    """First block of the decomposition map by default: 0, for Swin the first block of its last stage.
+
+    (Swin's ``head_token`` decomposition covers the last stage only; see
+    :func:`vitdecomp.cli.heatmap_cmd.default_start_layer`, which this reuses.)
+    """
+    from .cli.heatmap_cmd import default_start_layer
+    from .model import wrap
+
+    return default_start_layer(wrap(model))
+
+
+def method_availability(model: Model | nn.Module, methods: Sequence[str] = METHODS) -> dict[str, str | None]:
+    """Per method: None when it can run on ``model``, else the reason (runs nothing).
+
+    The attention baselines need an isotropic ViT (one token-by-token pattern per block);
+    the gradient ones also a hookable attention write (:func:`~vitdecomp.relevance.gradient_support`).
+    The decomposition map is available on every adapter family (its token grid is the patch
+    grid, or the last-stage grid of Swin / MaxViT); a model whose decomposition turns out to
+    have no grid is marked unavailable by :func:`run_segmentation` when it is first tried.
+    """
+    from .attention_maps import _vit_map
+    from .errors import UnsupportedModelError
+    from .model import wrap
+    from .relevance import gradient_support
+
+    m = wrap(model)
+    try:
+        _vit_map(m)
+        attention: str | None = None
+    except UnsupportedModelError as exc:
+        attention = str(exc)
+    gradients = attention if attention is not None else (
+        gradient_support(m) if any(x in _GRADIENT_METHODS for x in methods) else None)
+    out: dict[str, str | None] = {}
+    for name in methods:
+        if name in _GRADIENT_METHODS:
+            out[name] = gradients
+        elif name in _ATTENTION_METHODS:
+            out[name] = attention
+        else:
+            out[name] = None
+    return out
+
+
 def _upsample(grid: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     import torch.nn.functional as F
 
@@ -337,15 +397,15 @@ def run_segmentation(
     target: Target = "pred",
     rollout_start: int = 0,
     chefer_start: int = 0,
-    decomposition_start: int = 0,
+    decomposition_start: int | None = None,
     n_examples: int = 0,
     progress: bool = False,
 ) -> SegmentationResult:
     """Score every method's map on the first ``limit`` items of ``source`` (all when None).
 
     Args:
-        model: a :class:`~vitdecomp.Model` (timm or open_clip isotropic ViT; the gradient
-            methods need one of those two, the other methods any isotropic ViT).
+        model: a :class:`~vitdecomp.Model` of any supported family; methods it cannot run
+            (:func:`method_availability`) are recorded in ``unavailable`` and skipped.
         source: image/mask pairs (``ImageNetSegmentation``, :class:`SegmentationPairs`).
         head: the class logits; its :meth:`~vitdecomp.relevance.LogitHead.directions` are the
             decomposition map's ``y_c``.
@@ -355,7 +415,8 @@ def run_segmentation(
         limit: score at most this many source items (skipped ones count).
         target: ``"pred"`` (the top logit) or ``"label"`` (the source's class label; items
             without one are skipped).
-        rollout_start, chefer_start, decomposition_start: first block of each product / sum.
+        rollout_start, chefer_start, decomposition_start: first block of each product / sum
+            (``decomposition_start`` None: :func:`default_decomposition_start`).
         n_examples: keep the first N scored items' images, masks and maps for figures.
         progress: show a progress bar.
 
@@ -365,8 +426,9 @@ def run_segmentation(
     import torch
 
     from .dataset_run import _progress
+    from .errors import UnsupportedModelError
     from .model import wrap
-    from .relevance import attention_pass
+    from .relevance import _targets, attention_pass
 
     m = wrap(model)
     methods = list(dict.fromkeys(methods))
@@ -382,9 +444,14 @@ def run_segmentation(
         raise InputError("nothing to score: the source is empty or --limit is 0")
     prep = m.preprocessing
     size = (int(prep.input_size[0]), int(prep.input_size[1]))
-    needs_grad = any(x in _GRADIENT_METHODS for x in methods)
-    directions = head.directions() if "decomposition" in methods else None
-    metrics = {name: SegmentationMetrics() for name in methods}
+    if decomposition_start is None:
+        decomposition_start = default_decomposition_start(m)
+    unavailable = {name: why for name, why in method_availability(m, methods).items() if why is not None}
+    for name, why in unavailable.items():
+        log.warning("%s is unavailable for %s: %s", name, m.name, why)
+    active = [x for x in methods if x not in unavailable]
+    directions = head.directions() if "decomposition" in active else None
+    metrics = {name: SegmentationMetrics() for name in active}
     items: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     examples: list[dict[str, Any]] = []
@@ -397,36 +464,56 @@ def run_segmentation(
         if target == "label":
             forced = torch.tensor([it.label for it in batch], dtype=torch.long)
         t0 = time.perf_counter()
-        ap = attention_pass(m, x, head, target=forced, gradients=needs_grad)
         maps: dict[str, torch.Tensor] = {}
-        if "raw_attention" in methods:
-            maps["raw_attention"] = ap.raw_attention()
-        if "rollout" in methods:
-            maps["rollout"] = ap.rollout(rollout_start)
-        if "gradcam" in methods:
-            maps["gradcam"] = ap.gradcam()
-        if "chefer" in methods:
-            maps["chefer"] = ap.chefer(chefer_start)
+        if any(x in _ATTENTION_METHODS for x in active):
+            ap = attention_pass(m, x, head, target=forced, gradients=any(x in _GRADIENT_METHODS for x in active))
+            if "raw_attention" in active:
+                maps["raw_attention"] = ap.raw_attention()
+            if "rollout" in active:
+                maps["rollout"] = ap.rollout(rollout_start)
+            if "gradcam" in active:
+                maps["gradcam"] = ap.gradcam()
+            if "chefer" in active:
+                maps["chefer"] = ap.chefer(chefer_start)
+            assert ap.target is not None
+            chosen = ap.target.cpu()
+        else:  # no attention pass: the target from the representation alone
+            with torch.no_grad():
+                chosen = _targets(forced, head.logits(m.representation(x))).cpu()
         t1 = time.perf_counter()
         seconds["attention_pass"] += t1 - t0
-        assert ap.target is not None
-        chosen = ap.target.cpu()
-        if directions is not None:
-            maps["decomposition"] = decomposition_map(m, x, directions, target=chosen, start_layer=decomposition_start)
+        if "decomposition" in active:
+            assert directions is not None
+            try:
+                maps["decomposition"] = decomposition_map(m, x, directions, target=chosen,
+                                                          start_layer=decomposition_start)
+            except UnsupportedModelError as exc:
+                _drop("decomposition", str(exc))
         t2 = time.perf_counter()
         seconds["decomposition"] += t2 - t1
-        up = {name: _upsample(maps[name], size) for name in methods}
+        up = {name: _upsample(maps[name], size) for name in active}
         for b, it in enumerate(batch):
             t = int(chosen[b])
             record: dict[str, Any] = {"id": it.id, "target": t, "target_name": names[t] if names else None}
-            for name in methods:
+            for name in active:
                 record[name] = metrics[name].update(up[name][b], it.mask)
             items.append(record)
             if len(examples) < n_examples:
                 examples.append({"id": it.id, "image": it.image, "mask": it.mask, "target": t,
                                  "target_name": record["target_name"],
-                                 "maps": {name: up[name][b].astype(np.float32) for name in methods}})
+                                 "maps": {name: up[name][b].astype(np.float32) for name in active}})
         seconds["metrics"] += time.perf_counter() - t2
+
+    def _drop(name: str, why: str) -> None:
+        """Mark ``name`` unavailable mid-run (its decomposition has no grid): no metrics, no maps."""
+        log.warning("%s is unavailable for %s: %s", name, m.name, why)
+        unavailable[name] = why
+        active.remove(name)
+        metrics.pop(name, None)
+        for rec in items:
+            rec.pop(name, None)
+        for ex in examples:
+            ex["maps"].pop(name, None)
 
     bar = _progress(n, enabled=progress, desc="segment")
     pending: list[SegmentationItem] = []
@@ -459,15 +546,16 @@ def run_segmentation(
     if not items:
         log.warning("no item could be scored (%d skipped)", len(skipped))
     protocol = {
-        "size": list(size), "methods": methods, "target": target, "batch_size": batch_size,
+        "size": list(size), "methods": methods, "methods_scored": active, "target": target, "batch_size": batch_size,
         "n_requested": n, "rollout_start": rollout_start, "chefer_start": chefer_start,
         "decomposition_start": decomposition_start, "gradcam": "chefer (last block, head weights = mean gradient)",
         "head": {"classes": head.n_classes, "normalize": head.normalize, "scale": head.scale},
         "resize": "image bilinear, mask nearest, no crop (resize_pair); map bilinear, align_corners=False",
         "normalisation": {"mean": list(prep.mean), "std": list(prep.std)},
     }
-    return SegmentationResult({name: metrics[name].result() for name in methods}, items, skipped, examples,
-                              {k: round(v, 4) for k, v in seconds.items()}, protocol)
+    return SegmentationResult({name: metrics[name].result() for name in active}, items, skipped, examples,
+                              {k: round(v, 4) for k, v in seconds.items()}, protocol,
+                              {name: unavailable[name] for name in methods if name in unavailable})
 
 
 def format_table(result: SegmentationResult) -> str:
@@ -482,8 +570,11 @@ def format_table(result: SegmentationResult) -> str:
             cells.append("-" if v is None or v != v else f"{100.0 * v:.2f}")
         cells.append(str(values.get("n_images", 0)))
         rows.append(cells)
+    for name in result.unavailable:
+        rows.append([name, *["n/a"] * len(keys), "0"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    footer = f"{result.n_images} images scored, {len(result.skipped)} skipped"
-    return "\n".join([*lines, footer])
+    footer = [f"{result.n_images} images scored, {len(result.skipped)} skipped"]
+    footer += [f"n/a {name}: {why}" for name, why in result.unavailable.items()]
+    return "\n".join([*lines, *footer])

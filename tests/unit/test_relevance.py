@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vitdecomp as vd
-from vitdecomp.errors import InputError, UnsupportedModelError
+from vitdecomp.errors import InputError
 from vitdecomp.relevance import (
     LogitHead,
     attention_gradcam,
@@ -203,10 +203,11 @@ def test_errors_are_clear():
         classifier_head(tiny_open_clip_vision())
 
 
-def test_hf_models_are_unsupported_with_a_clear_message():
+def test_hf_models_are_supported_through_their_output_projection():
+    """transformers ViTs: gradients read at the attention's o_proj (checked against autograd in test_relevance_hf.py)."""
     from vitdecomp.testing.tiny_models import tiny_hf_vit
 
     model = vd.wrap(tiny_hf_vit(classifier=True))
     x = model.example_input(batch=1)
-    with pytest.raises(UnsupportedModelError, match="timm VisionTransformer and open_clip"):
-        attention_pass(model, x, LogitHead(torch.randn(3, model.describe()["width"])))
+    result = attention_pass(model, x, LogitHead(torch.randn(3, model.describe()["width"])))
+    assert len(result.grads) == len(result.probs) and result.grads[0].shape == result.probs[0].shape

@@ -17,6 +17,8 @@ examples:
       --images data/train --out out/red
   vitdecomp retrieve clip.zarr --image train/red/000012.png --feature colour --features synth --out out/q12
   vitdecomp retrieve clip.zarr --image train/red/000012.png --components L03.H00,L02.H01
+  vitdecomp retrieve vit.zarr --align out/align --text "a red object" --scores out/score/score.json \
+      --feature colour    # a non-CLIP store, through its fitted CompAlign (text tower: the aligned CLIP)
 """
 
 
@@ -34,7 +36,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "the query itself is excluded), next to the full representation for comparison. The group is the "
         "top --top components of --feature (by its correlation score for text queries, its selectivity for "
         "image queries) or an explicit --components list. Per-group float16 indexes (faiss, or an exact numpy "
-        "brute force) are built once in STORE/retrieval (or --index-dir) and reused."),
+        "brute force) are built once in STORE/retrieval (or --index-dir) and reused. With --align (a non-CLIP "
+        "store and the maps of `vitdecomp align`), every component is mapped into the CLIP space before the "
+        "groups are summed, and texts are embedded by the CLIP the maps lead into."),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,7 +60,10 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     g.add_argument("--by", choices=("score", "selectivity"),
                    help="rank components by score or selectivity (default: score for --text, selectivity for --image)")
     g.add_argument("--no-full", action="store_true", help="leave out the full-representation comparison")
-    p.add_argument("--model", help="model spec of the text tower (default: the store's own model name)")
+    p.add_argument("--model", help="model spec of the text tower (default: the store's own model name; with --align "
+                   "the CLIP recorded in the maps)")
+    p.add_argument("--align", type=Path, metavar="DIR",
+                   help="a CompAlign (`vitdecomp align --out DIR`, or its .safetensors): search in its CLIP space")
     p.add_argument("--templates", default="plain", help="template set for texts (plain, synth, photo; default plain)")
     p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--images", type=Path, metavar="DATASET_ROOT", help="dataset root of the ids: draw grid.png")
@@ -183,16 +190,27 @@ def run(args: argparse.Namespace) -> int:
     mode = "text" if args.text else "image"
     by = args.by or ("score" if mode == "text" else "selectivity")
     needs_text = mode == "text" or (args.feature is not None and args.scores is None)
+    align = align_rec = None
+    if args.align is not None:
+        from ..retrieve import alignment_record
+
+        align, align_rec = alignment_record(args.align)
+        if args.feature is not None and args.scores is None:
+            raise InputError("--feature with --align ranks components by their scores in the CLIP space: pass "
+                             "--scores (score.json of `vitdecomp score --align`), or --components")
     encoder = None
-    if needs_text:
+    if needs_text and align is not None:
+        encoder = _aligned_text_tower(args, align, align_rec)
+    elif needs_text:
         from ._common import load_store_model, text_tower
 
         encoder = text_tower(load_store_model(store, args.model),
-                             hint="text queries need a CLIP store; for image queries pass --components, or "
-                             "--scores from `vitdecomp score --align`")
+                             hint="text queries need a CLIP store (or --align DIR with the maps of `vitdecomp "
+                             "align`); for image queries pass --components, or --scores from `vitdecomp score --align`")
     groups, feature_info = _groups(args, store, encoder, by)
     index = build_index(store, groups, args.index_dir, backend=args.backend, rebuild=args.rebuild,
-                        progress=not getattr(args, "quiet", False))
+                        progress=not getattr(args, "quiet", False),
+                        align=args.align)  # the path: the index records the file and its sha256
     results: list[dict[str, Any]] = []
     hits_by_group = {}
     if mode == "text":
@@ -215,11 +233,12 @@ def run(args: argparse.Namespace) -> int:
                                   "score": float(h.scores[qi, r])} for r in range(h.rows.shape[1])]
         results.append({"query": query, "kind": mode, "results": per_group})
     index_info = {"path": str(index.path), "n": len(index), "backend": args.backend,
-                  "groups": {g.name: g.key for g in groups}}
+                  "groups": {g.name: g.key for g in groups}, "alignment": index.alignment}
+    files = {"scores": args.scores} if args.scores is not None else {}
+    if align_rec is not None and align_rec["file"] is not None:
+        files["align"] = Path(align_rec["file"])
     payload: dict[str, Any] = {
-        "run": run_record("retrieve", args, store=store,
-                          files={"scores": args.scores} if args.scores is not None else None,
-                          extra={"index": index_info}),
+        "run": run_record("retrieve", args, store=store, files=files or None, extra={"index": index_info}),
         "store": str(args.store), "mode": mode, "k": args.k, "templates": args.templates,
         "index": index_info, "groups": [g.to_json() for g in groups], "feature": feature_info or None,
         "queries": results, "grid": None,
@@ -242,8 +261,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aligned_text_tower(args: argparse.Namespace, align: Any, record: dict[str, Any]) -> Any:
+    """The text encoder of the CLIP the maps lead into (``--model``, else the one the maps record)."""
+    from ..errors import InputError
+    from ..loading import load
+    from ._common import text_tower
+
+    spec = args.model or record.get("clip_model")
+    if not isinstance(spec, str):
+        raise InputError(f"{record['file'] or 'the alignment'} does not record which CLIP its maps lead into: "
+                         "pass --model CLIP_SPEC (the text tower)")
+    weights = align.meta.get("clip_weights")
+    encoder = text_tower(load(spec, pretrained=weights != "random-init"),
+                         hint="with --align, --model must be the CLIP the maps lead into")
+    return encoder
+
+
 def _format(results: list[dict[str, Any]], groups: list[Any], index_info: dict[str, Any]) -> str:
     lines = [f"index {index_info['path']} ({index_info['n']} items, {index_info['backend']})"]
+    if index_info.get("alignment"):
+        rec = index_info["alignment"]
+        where = rec["file"] or rec["maps_sha256"][:12]
+        lines.append(f"  through CompAlign {where} into a {rec['d_clip']}-d CLIP space")
     for g in groups:
         comps = "the model's representation" if g.components is None else ", ".join(g.components)
         lines.append(f"  group {g.name}: {comps}")

@@ -21,14 +21,17 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
             "min-max normalised, thresholded at its mean): pixel accuracy, two-class mIoU and two-channel mAP, "
             "plus foreground IoU and foreground AP. Methods: the decomposition's contrastive map (top class vs "
             "the mean of the classes, summed over heads), raw last-layer attention, rollout, attention GradCAM "
-            "and Chefer et al.'s gradient-weighted rollout, all on the same batches. Prints a table; --out "
-            "writes results.json (with a run record) and overlay figures."
+            "and Chefer et al.'s gradient-weighted rollout, all on the same batches. Methods a model cannot run "
+            "(the attention baselines on Swin/MaxViT, whose attention is windowed) are reported as n/a with the "
+            "reason and the others still run. Prints a table; --out writes results.json (with a run record and "
+            "'unavailable': method -> reason) and overlay figures."
         ),
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--mat", type=Path, help="ImageNet-Segmentation gtsegs_ijcv.mat (MATLAB v7.3)")
     src.add_argument("--pairs", type=Path, help="a folder with images/NAME.jpg and masks/NAME.png")
-    p.add_argument("--model", required=True, help="timm:NAME | open_clip:ARCH[:TAG] (see `vitdecomp models`)")
+    p.add_argument("--model", required=True,
+                   help="timm:NAME | open_clip:ARCH[:TAG] | hf:REPO_OR_DIR (see `vitdecomp models`)")
     p.add_argument(
         "--classes",
         help="class names: a shipped pool name or a text file, one name per line (required for CLIP unless an "
@@ -44,8 +47,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rollout-start", type=int, default=0, help="first block of rollout (Chefer et al.: 1)")
     p.add_argument("--chefer-start", type=int, default=0, help="first block of Chefer relevance")
-    p.add_argument("--decomposition-start", type=int, default=0,
-                   help="first block whose heads the decomposition map sums (vit-decompose: 5)")
+    p.add_argument("--decomposition-start", type=int, default=None,
+                   help="first block whose heads the decomposition map sums (default 0; for Swin the first block "
+                   "of the last stage, the only stage whose heads split over one token grid; vit-decompose: 5)")
     p.add_argument("--examples", type=int, default=4, help="overlay figures of the first N items (with --out)")
     p.add_argument("--out", type=Path, help="folder for results.json and figures/")
     p.add_argument("--no-pretrained", action="store_true", help="random weights (offline; for trying things out)")
