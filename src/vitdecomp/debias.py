@@ -84,6 +84,12 @@ __all__ = [
     "ablated_logits",
     "group_metrics",
     "debias",
+    "StackSplit",
+    "fit_linear_head_stack",
+    "linear_head_from_features",
+    "project_stack",
+    "contrastive_scores_stack",
+    "debias_stacks",
 ]
 
 log = logging.getLogger(__name__)
@@ -272,8 +278,6 @@ def fit_linear_head(store: ComponentStore, labels: WaterbirdsLabels, *, split: s
     ``LogisticRegression(C=c, lbfgs, random_state=seed)``; binary problems give ``W = [−w, w]/2``
     (same argmax as sklearn's decision). Memory: ``[n, d]`` for the features.
     """
-    from sklearn.linear_model import LogisticRegression
-
     feats, ys = [], []
     for chunk in store.iter_batches():
         keep, y, _ = _rows_of_split(store, labels, split, chunk)
@@ -283,7 +287,26 @@ def fit_linear_head(store: ComponentStore, labels: WaterbirdsLabels, *, split: s
             ys.append(y)
     if not feats:
         raise InputError(f"{store.path} has no {split} rows: a linear head needs the train split")
-    x, y = np.concatenate(feats), np.concatenate(ys)
+    return linear_head_from_features(np.concatenate(feats), np.concatenate(ys), c=c, seed=seed, max_iter=max_iter,
+                                     space="aligned" if align is not None else "model", class_names=class_names,
+                                     split=split)
+
+
+def linear_head_from_features(x: np.ndarray, y: np.ndarray, *, c: float = 1.0, seed: int = 0, max_iter: int = 2000,
+                              space: Literal["model", "aligned"] = "model",
+                              class_names: Sequence[str] = WATERBIRDS_CLASS_NAMES, split: str = "train"
+                              ) -> ClassifierHead:
+    """The fit of :func:`fit_linear_head` on in-memory features ``x [n, d]`` and labels ``y [n]``.
+
+    Raises:
+        InputError: one class only, or ``x`` and ``y`` of different lengths.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise InputError(f"need features [n, d] and labels [n], got {x.shape} and {y.shape}")
     if len(np.unique(y)) < 2:
         raise InputError(f"the {split} split holds one class only; cannot fit a linear head")
     mean, sd = x.mean(0), x.std(0)
@@ -297,7 +320,7 @@ def fit_linear_head(store: ComponentStore, labels: WaterbirdsLabels, *, split: s
     w = coef / sd
     b = intercept - w @ mean
     train_acc = float(np.mean((x @ w.T + b).argmax(1) == y))
-    return ClassifierHead(w, b, "linear", "aligned" if align is not None else "model", tuple(class_names),
+    return ClassifierHead(w, b, "linear", space, tuple(class_names),
                           {"C": c, "seed": seed, "n_train": int(len(y)), "train_accuracy": train_acc,
                            "standardised": True})
 
@@ -335,22 +358,14 @@ def project_split(store: ComponentStore, labels: WaterbirdsLabels, split: str, h
 
     ``align`` maps the components first when the head reads the aligned space.
     """
-    import torch
-
     if head.space == "aligned" and align is None:
         raise InputError("this head reads CompAlign-mapped components; pass the alignment")
-    w = torch.from_numpy(head.weight)
     parts, ys, places, ids = [], [], [], []
     for chunk in store.iter_batches():
         keep, y, place = _rows_of_split(store, labels, split, chunk)
         if not keep.any():
             continue
-        chunk = chunk.sum_tokens()
-        if head.space == "aligned":
-            chunk = _aligned(chunk, align)
-        if chunk.dim != w.shape[1]:
-            raise InputError(f"the head is {w.shape[1]} wide but {store.path} stores {chunk.dim}-wide components")
-        contrib = torch.einsum("cnd,kd->cnk", chunk.values.double(), w).numpy()
+        contrib = _contributions(chunk, head, align, where=str(store.path))
         parts.append(contrib[:, keep])
         ys.append(y)
         places.append(place)
@@ -358,6 +373,21 @@ def project_split(store: ComponentStore, labels: WaterbirdsLabels, split: str, h
     if not parts:
         raise InputError(f"{store.path} has no {split} rows (by {labels.root}/metadata.csv)")
     return SplitLogits(split, np.concatenate(parts, axis=1), np.concatenate(ys), np.concatenate(places), ids)
+
+
+def _contributions(stack: Any, head: ClassifierHead, align: CompAlign | None, *, where: str) -> np.ndarray:
+    """``W c_i(x)`` of one stack (tokens summed; CompAlign-mapped first for an aligned head): ``[comp, n, C]``."""
+    import torch
+
+    if head.space == "aligned" and align is None:
+        raise InputError("this head reads CompAlign-mapped components; pass the alignment")
+    stack = stack.sum_tokens()
+    if head.space == "aligned":
+        stack = _aligned(stack, align)
+    w = torch.from_numpy(head.weight)
+    if stack.dim != w.shape[1]:
+        raise InputError(f"the head is {w.shape[1]} wide but {where} holds {stack.dim}-wide components")
+    return torch.einsum("cnd,kd->cnk", stack.values.double(), w).numpy()
 
 
 def contrastive_scores(store: ComponentStore, labels: WaterbirdsLabels, spurious: np.ndarray, core: np.ndarray, *,
@@ -369,7 +399,7 @@ def contrastive_scores(store: ComponentStore, labels: WaterbirdsLabels, spurious
     of its embeddings. Also returns ``{"spurious": [comp], "core": [comp], "variance": [comp]}``
     (``variance``: total variance ``tr Σ_i`` of each component over the split, for the variance control).
     """
-    from .score import ScoreMoments, feature_basis, score_table
+    from .score import ScoreMoments
 
     spurious = np.asarray(spurious, dtype=np.float64)
     core = np.asarray(core, dtype=np.float64)
@@ -388,6 +418,13 @@ def contrastive_scores(store: ComponentStore, labels: WaterbirdsLabels, spurious
         moments.update(chunk.values.movedim(0, 1)[keep])
     if moments is None or moments.count < 2:
         raise InputError(f"{store.path} has fewer than 2 {split} rows; the scores need the val split")
+    return _contrast(moments, spurious, core)
+
+
+def _contrast(moments: Any, spurious: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Contrastive corr score and its parts from accumulated :class:`~vitdecomp.score.ScoreMoments`."""
+    from .score import feature_basis, score_table
+
     table = score_table(moments, {"spurious": feature_basis(spurious), "core": feature_basis(core)}, kind="corr")
     extra = {"spurious": table["spurious"], "core": table["core"], "variance": moments.trace / (moments.count - 1),
              "n": moments.count}
@@ -558,10 +595,7 @@ def debias(stores: Mapping[str, ComponentStore], labels: WaterbirdsLabels, head:
         align: CompAlign maps for a non-CLIP model (scores read ``F_i c_i``).
         check: run :func:`check_stores` first.
     """
-    if k < 1:
-        raise InputError(f"k must be at least 1, got {k}")
-    if random_draws < 0:
-        raise InputError(f"random draws must be >= 0, got {random_draws}")
+    _check_settings(k, random_draws)
     for role in ("val", "test"):
         if role not in stores:
             raise InputError(f"debias needs a {role} store")
@@ -573,12 +607,28 @@ def debias(stores: Mapping[str, ComponentStore], labels: WaterbirdsLabels, head:
     if k > int(allowed.sum()):
         raise InputError(f"k = {k} but the stores have only {int(allowed.sum())} candidate components")
     contrast, parts = contrastive_scores(val_store, labels, spurious, core, split="val", align=align)
-    chosen = top_k(contrast, allowed, k)
-    by_variance = top_k(parts["variance"], allowed, k)
-    log.info("selected on val (%d items): %s", parts["n"], ", ".join(names[i] for i in chosen))
     head_align = align if head.space == "aligned" else None
     val = project_split(val_store, labels, "val", head, align=head_align)
     test = project_split(test_store, labels, "test", head, align=head_align)
+    return _protocol(names, contrast, parts, val, test, head, k=k, random_draws=random_draws, seed=seed)
+
+
+def _check_settings(k: int, random_draws: int) -> None:
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    if random_draws < 0:
+        raise InputError(f"random draws must be >= 0, got {random_draws}")
+
+
+def _protocol(names: Sequence[str], contrast: np.ndarray, parts: Mapping[str, Any], val: SplitLogits,
+              test: SplitLogits, head: ClassifierHead, *, k: int, random_draws: int, seed: int) -> DebiasResult:
+    """Select the top-``k`` contrastive candidates, mean-ablate with val means, evaluate on test (+ controls)."""
+    allowed = candidate_mask(names)
+    if k > int(allowed.sum()):
+        raise InputError(f"k = {k} but there are only {int(allowed.sum())} candidate components")
+    chosen = top_k(contrast, allowed, k)
+    by_variance = top_k(parts["variance"], allowed, k)
+    log.info("selected on val (%d items): %s", parts["n"], ", ".join(names[i] for i in chosen))
     means = val.means()  # the explicit reference: val means
 
     def evaluate(rows: Sequence[int]) -> dict[str, Any]:
@@ -594,3 +644,91 @@ def debias(stores: Mapping[str, ComponentStore], labels: WaterbirdsLabels, head:
         n={"val": val.n, "test": test.n, **({"train": int(head.meta["n_train"])} if "n_train" in head.meta else {})},
         variance_components=[names[i] for i in by_variance],
     )
+
+
+# ============================================================================ in memory
+@dataclass(frozen=True)
+class StackSplit:
+    """One split held in memory: its decomposition and the Waterbirds metadata of its items.
+
+    Attributes:
+        stack: :class:`~vitdecomp.ComponentStack`, values ``[comp, n, (token,) d]`` (tokens are summed).
+        y: ``[n]`` int class; place: ``[n]`` int spurious attribute (0 / 1); ``group = 2 y + place``.
+        ids: item names (default ``"0" .. "n-1"``).
+    """
+
+    stack: Any
+    y: np.ndarray
+    place: np.ndarray
+    ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        y = np.asarray(self.y, dtype=np.int64).reshape(-1)
+        place = np.asarray(self.place, dtype=np.int64).reshape(-1)
+        n = self.stack.batch_size
+        if y.shape != (n,) or place.shape != (n,):
+            raise InputError(f"a split of {n} items needs y and place of length {n}, got {y.shape[0]} and "
+                             f"{place.shape[0]}")
+        if not (np.isin(y, (0, 1)).all() and np.isin(place, (0, 1)).all()):
+            raise InputError("y and place must be 0 or 1")
+        ids = tuple(str(i) for i in self.ids) if self.ids else tuple(str(i) for i in range(n))
+        if len(ids) != n:
+            raise InputError(f"{len(ids)} ids for a split of {n} items")
+        object.__setattr__(self, "y", y)
+        object.__setattr__(self, "place", place)
+        object.__setattr__(self, "ids", ids)
+
+
+def fit_linear_head_stack(split: StackSplit, *, c: float = 1.0, seed: int = 0, max_iter: int = 2000,
+                          align: CompAlign | None = None, class_names: Sequence[str] = WATERBIRDS_CLASS_NAMES
+                          ) -> ClassifierHead:
+    """:func:`fit_linear_head` on an in-memory split: logistic regression of ``y`` on ``z = Σ_i c_i`` (or
+    ``Σ_i F_i c_i`` with ``align``)."""
+    stack = _aligned(split.stack.sum_tokens(), align)
+    x = stack.values.double().sum(0).numpy()
+    return linear_head_from_features(x, split.y, c=c, seed=seed, max_iter=max_iter,
+                                     space="aligned" if align is not None else "model", class_names=class_names)
+
+
+def project_stack(split: StackSplit, head: ClassifierHead, *, name: str = "test",
+                  align: CompAlign | None = None) -> SplitLogits:
+    """:func:`project_split` of an in-memory split: ``W c_i(x)`` for every component, ``[comp, n, C]``."""
+    contrib = _contributions(split.stack, head, align, where=f"the {name} stack")
+    return SplitLogits(name, contrib, split.y, split.place, list(split.ids))
+
+
+def contrastive_scores_stack(stack: Any, spurious: np.ndarray, core: np.ndarray, *,
+                             align: CompAlign | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`contrastive_scores` of an in-memory stack ``[comp, n, (token,) d]`` (the val split)."""
+    from .score import ScoreMoments
+
+    spurious = np.asarray(spurious, dtype=np.float64)
+    core = np.asarray(core, dtype=np.float64)
+    stack = _aligned(stack.sum_tokens(), align)
+    if stack.dim != spurious.shape[1] or stack.dim != core.shape[1]:
+        raise InputError(f"text embeddings are {spurious.shape[1]} / {core.shape[1]} wide but the components are "
+                         f"{stack.dim} wide: a non-CLIP model needs a CompAlign map into the text model's space")
+    if stack.batch_size < 2:
+        raise InputError("the val split has fewer than 2 items; the scores need at least 2")
+    moments = ScoreMoments.from_stack(stack, directions=np.concatenate([spurious, core]))
+    return _contrast(moments, spurious, core)
+
+
+def debias_stacks(val: StackSplit, test: StackSplit, head: ClassifierHead, *, spurious: np.ndarray,
+                  core: np.ndarray, k: int = 10, random_draws: int = 5, seed: int = 0,
+                  align: CompAlign | None = None) -> DebiasResult:
+    """:func:`debias` on in-memory splits (same protocol and result): select on ``val``, mean-ablate
+    with ``val`` means, evaluate on ``test``; controls as in :func:`debias`.
+
+    Raises:
+        InputError: the two stacks hold different components, or bad settings.
+    """
+    _check_settings(k, random_draws)
+    names = list(val.stack.names)
+    if names != list(test.stack.names):
+        raise InputError("the val and test stacks hold different components")
+    contrast, parts = contrastive_scores_stack(val.stack, spurious, core, align=align)
+    head_align = align if head.space == "aligned" else None
+    return _protocol(names, contrast, parts, project_stack(val, head, name="val", align=head_align),
+                     project_stack(test, head, name="test", align=head_align), head, k=k, random_draws=random_draws,
+                     seed=seed)

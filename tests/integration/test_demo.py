@@ -19,9 +19,13 @@ pytest.importorskip("safetensors")
 
 from PIL import Image  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from vitdecomp.cli.main import EXIT_INPUT, main  # noqa: E402
+from vitdecomp.debias import candidate_mask  # noqa: E402
 from vitdecomp.demo import SECTIONS, DemoConfig, run_demo  # noqa: E402
 from vitdecomp.report import check_html  # noqa: E402
+from vitdecomp.synth.bench import CLASSIFIER_NOTE, BenchConfig  # noqa: E402
 from vitdecomp.synth.generator import SCENE_FACTORS  # noqa: E402
 
 SECTION_ID = re.compile(r'<section id="([^"]+)"')
@@ -78,8 +82,28 @@ def test_demo_results_json(demo):
     assert set(results["segmentation"]) == {"decomposition (colour texts)", "decomposition (shape texts)", "raw_attention", "rollout"}
     assert results["textspan"] and all(".H" in r["component"] for r in results["textspan"])
     spurious = results["spurious"]
-    assert spurious["selection_split"] == "val" and spurious["n_val"] == SMALL["n_spurious"]
-    assert len(spurious["selected"]) == spurious["k"] and "bias" not in spurious["selected"]
+    n = SMALL["n_spurious"]
+    assert spurious["selection_split"] == "val" and spurious["reference_split"] == "val"
+    assert spurious["n"] == {"train": n, "val": n, "test": n} and spurious["head"]["kind"] == "linear"
+    candidates = set(np.array(results["components"])[candidate_mask(results["components"])])
+    assert len(candidates) < len(results["components"])  # the constant rows are not candidates
+    for chosen in (spurious["selected"], spurious["variance_control"]["components"],
+                   *(d["components"] for d in spurious["random"]["draws"])):
+        assert len(set(chosen)) == spurious["k"] == DemoConfig().top_k and set(chosen) <= candidates
+    assert len(spurious["random"]["draws"]) == BenchConfig().n_random
+    # biased train (round(0.95 * 30) = 29 of each class with its place), group-balanced test
+    assert spurious["train_aligned_share"] == pytest.approx(58 / 60)
+    assert spurious["before"]["counts"] == {str(g): n // 4 for g in range(4)}
+    for key in ("before", "after"):
+        m = spurious[key]
+        assert m["worst_group"] == min(m["groups"].values()) <= m["average_group"] <= max(m["groups"].values())
+    classifier = spurious["classifier"]
+    assert classifier["note"] == CLASSIFIER_NOTE and classifier["n_val"] == n
+    assert len(classifier["selected"]) == spurious["k"] and "bias" not in classifier["selected"]
+    html = (out / "report.html").read_text(encoding="utf-8")
+    section = html[html.index('<section id="spurious"'):html.index('<section id="aligned"')]
+    assert "top-3 contrastive ablated" in section and "top-3 by val variance ablated" in section
+    assert CLASSIFIER_NOTE in section and all(c in section for c in spurious["selected"])
     aligned = results["aligned"]
     assert set(aligned["factor_agreement"]) == set(SCENE_FACTORS)
     assert -1.0 <= aligned["val_cosine"] <= 1.0 and 0 < aligned["n_val"] < SMALL["n_images"]
@@ -119,6 +143,9 @@ def test_cli_synth_bench_writes_json(weights, tmp_path, capsys):
     assert set(result["factor_agreement"]) == set(SCENE_FACTORS) == set(result["retrieval"])
     assert set(result["segmentation"]) == {"decomposition (colour texts)", "decomposition (shape texts)", "raw_attention", "rollout"}
     assert result["spurious"]["selection_split"] == "val" and len(result["spurious"]["selected"]) == 3
+    assert result["spurious"]["n"] == {"train": 60, "val": 60, "test": 60}
+    assert result["spurious"]["classifier"]["note"] == CLASSIFIER_NOTE
+    assert "| top-3 contrastive ablated |" in printed and CLASSIFIER_NOTE in printed
     assert result["n_images"] == 60 and result["decomposition_error"] <= 1e-5
     assert result["models"]["clip"]["kind"] == "clip" and result["models"]["spurious"]["kind"] == "spurious"
     assert result["models"]["vit"]["kind"] == "vit" and set(result["aligned"]["factor_agreement"]) == set(SCENE_FACTORS)

@@ -14,11 +14,15 @@ background) and exact object masks, so the claims of the method can be measured 
 * **Zero-shot segmentation** (METHOD §6.5 metrics): the decomposition's token map
   ``m_t = <sum_i c_{i,t}, y_pred - mean_c y_c>`` over the shape texts against the exact
   object masks, against raw last-layer attention and attention rollout in the same harness.
-* **Spurious cue** (METHOD §6.6): the tiny classifier trained on the background-correlated split;
-  components selected on a *val* set by how much their logit contribution tracks the place
-  rather than the class (``|r(l_i, place)| - |r(l_i, y)|``; place and y are Waterbirds metadata);
-  mean-ablated with val means; worst-group and average-group accuracy on a separate *test* set,
-  against random components of the same count (mean ± sd and max over draws).
+* **Spurious cue** (METHOD §6.6, :mod:`vitdecomp.debias`): Waterbirds in the synthetic world
+  (class = a group of patterns, place = background), a linear head on the CLIP representation
+  trained on a split where the place goes with the class 95 % of the time; components selected on
+  a group-balanced *val* set by the contrastive correlation score (background texts minus pattern
+  texts), mean-ablated with val means; worst-group and average-group accuracy on a separate
+  balanced *test* set, against random components of the same count (mean ± sd and max over draws)
+  and the top components by val variance. A second row ablates components of the tiny classifier
+  trained end to end on the biased split: it learned the background only, so ablation cannot add
+  class information (a negative result, kept as such).
 
 Scenes come from their own seed stream (:data:`BENCH_SEED`), disjoint from training and from
 the held-out evaluation of :mod:`vitdecomp.synth.train`.
@@ -43,7 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BENCH_SEED", "BenchConfig", "Sample", "make_sample", "factor_values", "decompose_sample",
            "factor_texts", "component_scores", "factor_agreement", "retrieval_precision", "segmentation_bench", "decomposition_map", "SEGMENT_TEXTS",
-           "spurious_bench", "run_clip_bench", "balanced_labeller", "aligned_bench"]
+           "spurious_bench", "classifier_spurious_bench", "run_clip_bench", "balanced_labeller", "aligned_labeller",
+           "aligned_bench", "SPURIOUS_TASK", "SPURIOUS_ALIGNED", "SPURIOUS_STREAMS", "CLASSIFIER_NOTE"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +68,7 @@ class BenchConfig:
     precision_at: int = 10
     n_random: int = 10
     n_segment: int = 100
-    n_spurious: int = 600
+    n_spurious: int = 400  # scenes per split (train, val, test) of the spurious cue
     batch_size: int = 100
     seed: int = BENCH_SEED
 
@@ -288,9 +293,119 @@ def decomposition_map(model: Model, x: torch.Tensor, texts: torch.Tensor) -> tor
     return contrastive_map(model, x, texts)
 
 
-def spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], n: int = 600, k: int = 3,
-                   n_random: int = 10, seed: int = BENCH_SEED, batch_size: int = 100) -> dict[str, Any]:
-    """Remove the background cue from the tiny spurious classifier by mean-ablating components.
+#: Spurious-cue setting of the benchmark (:func:`spurious_bench`): the class is a group of patterns.
+SPURIOUS_TASK = "pattern"
+#: Share of the generated train split whose place goes with the class (val and test are balanced).
+SPURIOUS_ALIGNED = 0.95
+#: Streams of the spurious-cue splits (train, val, test) under the bench seed.
+SPURIOUS_STREAMS: dict[str, int] = {"train": 10, "val": 11, "test": 12}
+CLASSIFIER_NOTE = ("classifier trained on the biased split: learned background only — ablation cannot add class "
+                   "information")
+
+
+def aligned_labeller(task: str, groups: Sequence[Sequence[str]], aligned: float, n: int) -> Any:
+    """Labeller of a biased split of ``n`` items: item ``k`` has ``y = k % 2``; of the ``n_y`` items of class
+    ``y``, the first ``round(aligned * n_y)`` (half up, as :func:`~vitdecomp.synth.dataset.generate_dataset`)
+    get place ``y``, the rest ``1 - y``; the task value is drawn from class ``y``'s group."""
+    from .dataset import PLACES
+    from .generator import _pick
+
+    if not 0.0 <= aligned <= 1.0:
+        from ..errors import InputError
+
+        raise InputError(f"the aligned share must be in [0, 1], got {aligned}")
+    counts = [len(range(y, n, 2)) for y in (0, 1)]
+    cut = [int(np.floor(aligned * c + 0.5)) for c in counts]
+
+    def label(rng: np.random.Generator, k: int) -> tuple[Scene, int]:
+        y, j = k % 2, k // 2
+        place = y if j < cut[y] else 1 - y
+        return sample_scene(rng, fixed={task: _pick(rng, groups[y]), "background": PLACES[place]}), y
+
+    return label
+
+
+def _labelled_split(model: Model, n: int, seed: int, stream: int, labeller: Any, batch_size: int) -> Any:
+    """Generate, decompose and label one split: a :class:`~vitdecomp.debias.StackSplit`."""
+    from ..debias import StackSplit
+    from .dataset import PLACES
+
+    sample = make_sample(n, seed, stream, labeller)
+    stack = decompose_sample(model, sample.images, batch_size=batch_size)
+    place = np.array([PLACES.index(s.background) for s in sample.scenes])
+    return StackSplit(stack, np.array(sample.labels), place, tuple(f"{stream}:{k}" for k in range(n)))
+
+
+def spurious_bench(clip: Model, classifier: Model | None = None, *, task: str = SPURIOUS_TASK,
+                   groups: Sequence[Sequence[str]] | None = None, n_train: int = 200, n: int = 200,
+                   aligned: float = SPURIOUS_ALIGNED, k: int = 3, n_random: int = 10, seed: int = BENCH_SEED,
+                   batch_size: int = 100, templates: str = "synth", n_classifier: int | None = None) -> dict[str, Any]:
+    """Remove the background cue from a linear head on the CLIP representation (METHOD §6.6, :mod:`vitdecomp.debias`).
+
+    Waterbirds layout in memory: class ``y`` = the ``task`` value's group (default pattern: {solid,
+    dotted} vs {striped, checkered}), place = background (land / water). A *train* split of
+    ``n_train`` scenes has the place aligned with ``y`` in ``aligned`` of each class
+    (:func:`aligned_labeller`); *val* and *test* (``n`` scenes each) are exactly balanced over the
+    four groups (:func:`balanced_labeller`). All three are decomposed at head level with ``clip``.
+    Then :func:`vitdecomp.debias.debias_stacks`: a logistic-regression head on ``z = Σ_i c_i`` of
+    train; the top-``k`` candidates by the contrastive score ``s_{i,background} − s_{i,task}``
+    (correlation score, texts :func:`describe` of every background and every task value,
+    ``templates``) on val; mean-ablation with val means; worst-group / average-group (unweighted)
+    / weighted accuracy on test, against ``n_random`` draws of ``k`` random candidates (mean, sd,
+    max) and the top-``k`` by val variance.
+
+    With ``classifier`` (the shipped tiny classifier trained on the biased split) its result is
+    added under ``"classifier"`` (:func:`classifier_spurious_bench` on ``n_classifier`` scenes per
+    split, default ``n``): that model learned the background only, so ablation cannot add class
+    information (an honest negative result, see :data:`CLASSIFIER_NOTE`).
+
+    Returns the :meth:`~vitdecomp.debias.DebiasResult.to_json` payload with ``before`` (no ablation)
+    and ``after`` (the selected set ablated), plus the setting.
+    """
+    from ..debias import debias_stacks, embed_texts, fit_linear_head_stack
+    from ..errors import InputError
+    from ..text import text_encoder
+    from .dataset import _check_groups
+    from .generator import _factor
+
+    task = _factor(task)
+    pair = _check_groups(task, groups)
+    if min(n_train, n) < 8:
+        raise InputError(f"the spurious-cue splits need at least 8 scenes each, got train {n_train}, val/test {n}")
+    splits = {}
+    for name, size, labeller in (("train", n_train, aligned_labeller(task, pair, aligned, n_train)),
+                                 ("val", n, balanced_labeller(task, pair)), ("test", n, balanced_labeller(task, pair))):
+        splits[name] = _labelled_split(clip, size, seed, SPURIOUS_STREAMS[name], labeller, batch_size)
+    class_names = tuple("/".join(g) for g in pair)
+    head = fit_linear_head_stack(splits["train"], seed=0, class_names=class_names)
+    encoder = text_encoder(clip)
+    spurious_texts = [describe("background", v) for v in VOCABULARY["background"]]
+    core_texts = [describe(task, v) for v in VOCABULARY[task]]
+    result = debias_stacks(splits["val"], splits["test"], head, k=k, random_draws=n_random, seed=seed,
+                           spurious=embed_texts(encoder, spurious_texts, templates),
+                           core=embed_texts(encoder, core_texts, templates))
+    out = result.to_json()
+    out["before"], out["after"] = out.pop("baseline"), out.pop("ablated")
+    train = splits["train"]
+    out.update({
+        "model": clip.name, "task": task, "groups": [list(g) for g in pair], "aligned": aligned,
+        "train_aligned_share": float(np.mean(train.y == train.place)),
+        "texts": {"spurious": spurious_texts, "core": core_texts, "templates": templates},
+        "n_train": n_train, "n_val": n, "n_test": n, "table": result.format_table(),
+    })
+    if classifier is not None:
+        info = classifier.extras.get("tiny", {})
+        out["classifier"] = {
+            "model": classifier.name, "note": CLASSIFIER_NOTE,
+            **classifier_spurious_bench(classifier, task=info.get("task", "shape"), groups=info["groups"],
+                                        n=n_classifier or n, k=k, n_random=n_random, seed=seed,
+                                        batch_size=batch_size)}
+    return out
+
+
+def classifier_spurious_bench(model: Model, *, task: str, groups: Sequence[Sequence[str]], n: int = 600, k: int = 3,
+                              n_random: int = 10, seed: int = BENCH_SEED, batch_size: int = 100) -> dict[str, Any]:
+    """Mean-ablate components of a model's own classifier (the tiny one trained on the biased split).
 
     Val and test sets are exactly balanced over the four (y, place) groups (:func:`balanced_labeller`). Selection on val only:
     ``s_i = |r(l_i, place)| - |r(l_i, y)|`` with ``l_i = (w_1 - w_0) . c_i(x)`` the component's

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from ..model import Model
 
-__all__ = ["CLIP_CONFIG", "VIT_CONFIG", "CLIP_PREPROCESS", "SIDECAR", "FORMAT", "STORAGE_DTYPE", "build_tiny_clip",
+__all__ = ["CLIP_CONFIG", "VIT_CONFIG", "SWIN_CONFIG", "CLIP_PREPROCESS", "SIDECAR", "FORMAT", "STORAGE_DTYPE", "build_tiny_clip",
            "build_tiny_vit", "sincos_grid", "sincos_position_init", "round_to_storage", "image_stats", "save_tiny",
            "load_tiny", "read_sidecar"]
 
@@ -49,6 +49,12 @@ CLIP_PREPROCESS: dict[str, Any] = {
 VIT_CONFIG: dict[str, Any] = {
     "model_name": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 8, "depth": 4, "embed_dim": 128,
     "num_heads": 4, "global_pool": "token",
+}
+#: ``timm.create_model`` arguments of the tiny Swin classifier (hierarchical: 16x16 patches of 4 px,
+#: 4x4 windows, two stages, relative position bias only, so no position initialisation).
+SWIN_CONFIG: dict[str, Any] = {
+    "model_name": "swin_tiny_patch4_window7_224", "img_size": 64, "patch_size": 4, "window_size": 4,
+    "embed_dim": 32, "depths": (2, 2), "num_heads": (2, 4),
 }
 #: File name of the JSON sidecar in a tiny-model folder.
 SIDECAR = "tiny_model.json"
@@ -74,7 +80,9 @@ def build_tiny_clip(seed: int = 0, config: dict[str, Any] | None = None) -> nn.M
 
 
 def build_tiny_vit(seed: int = 0, num_classes: int = 8, config: dict[str, Any] | None = None) -> nn.Module:
-    """A timm ``VisionTransformer`` at random init (:data:`VIT_CONFIG`, ``num_classes`` outputs) from ``seed``."""
+    """A timm classifier at random init from ``seed``: the ``VisionTransformer`` of :data:`VIT_CONFIG`
+    by default, any other ``timm.create_model`` arguments (e.g. :data:`SWIN_CONFIG`) otherwise;
+    ``num_classes`` outputs. An absolute position embedding gets the 2-D sin-cos init."""
     import timm
     import torch
 
@@ -84,7 +92,8 @@ def build_tiny_vit(seed: int = 0, num_classes: int = 8, config: dict[str, Any] |
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False, **cfg)
-    sincos_position_init(model.pos_embed)
+    if getattr(model, "pos_embed", None) is not None:
+        sincos_position_init(model.pos_embed)
     return model
 
 

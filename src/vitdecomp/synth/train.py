@@ -323,6 +323,7 @@ def train_classifier(
     root: str | Path | None = None, *, seed: int = 0, steps: int = 3000, batch_size: int = 128, lr: float = 1e-3,
     out_path: str | Path | None = None, n_images: int | None = None, task: str = "shape",
     spurious: float | None = None, weight_decay: float = 0.05, eval_n: int = 500, config: dict[str, Any] | None = None,
+    kind: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train the tiny timm ViT with cross-entropy; returns (model in eval mode, sidecar info).
 
@@ -332,7 +333,10 @@ def train_classifier(
     binary class of :data:`~vitdecomp.synth.dataset.SPURIOUS_GROUPS` shown on the matching
     background (water for class 1) with probability p. With ``root`` the task, classes and
     p come from its ``summary.json`` and the train split is read from disk (a Waterbirds-layout
-    dataset for the spurious variant). Other arguments as :func:`train_clip`.
+    dataset for the spurious variant). ``config``: the ``timm.create_model`` arguments (default
+    :data:`~vitdecomp.synth.tiny.VIT_CONFIG`; :data:`~vitdecomp.synth.tiny.SWIN_CONFIG` for the tiny
+    Swin); ``kind`` names the model in its sidecar (default ``vit``, or ``spurious``). Other
+    arguments as :func:`train_clip`.
     """
     import torch
     import torch.nn.functional as F
@@ -347,7 +351,7 @@ def train_classifier(
         images, labels = classifier_batch(source, step, batch_size)
         return F.cross_entropy(model(pixels(images, model)), torch.tensor(labels))
 
-    kind = "vit" if groups is None else "spurious"
+    kind = kind or ("vit" if groups is None else "spurious")
     start = time.perf_counter()
     losses = _run(model, steps, lr, weight_decay, loss_at, kind)
     round_to_storage(model)
