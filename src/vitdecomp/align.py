@@ -111,6 +111,8 @@ if TYPE_CHECKING:
     from .store import ComponentStore
 
 __all__ = [
+    "ALIGN_FILE",
+    "find_alignment",
     "AlignConfig",
     "AlignmentInfeasibleError",
     "CompAlign",
@@ -138,6 +140,28 @@ CHECKPOINT_FORMAT = "vitdecomp.CompAlign.checkpoint/1"
 _MODES = ("per_component", "shared", "grouped")
 _PARAMETRISATIONS = ("penalty", "orthogonal")
 _CONSTRAINTS = ("auto", "isometry", "coisometry")
+
+
+#: File name of the maps in a folder written by ``vitdecomp align --out DIR``.
+ALIGN_FILE = "compalign.safetensors"
+
+
+def find_alignment(path: str | Path) -> Path:
+    """The CompAlign file a user points to (``--align``): the file itself, or in a folder written by ``vitdecomp align
+    --out DIR`` its ``compalign.safetensors`` (else ``align.safetensors``, else its only ``*.safetensors``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for name in (ALIGN_FILE, "align.safetensors"):
+            if (p / name).is_file():
+                return p / name
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise InputError(f"--align {p}: expected {ALIGN_FILE} (written by `vitdecomp align --out DIR`) in it, "
+                         f"found {[f.name for f in found]}")
+    raise InputError(f"--align {p} does not exist")
 
 
 class AlignmentInfeasibleError(InputError):

@@ -67,10 +67,12 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .align import CompAlign
+    from .model import Model
     from .stack import ComponentStack
 
 __all__ = [
     "CropBox",
+    "default_start_layer",
     "Heatmap",
     "aligned_directions",
     "crop_box",
@@ -152,6 +154,14 @@ def prefix_names(types: Sequence[str]) -> list[tuple[int, str]]:
         name = kind if (kind == "cls" and total[kind] == 1) else f"{kind}{j}"
         out.append((index, name))
     return out
+
+
+def default_start_layer(model: Model) -> int:
+    """0, except for Swin: its token decomposition covers the last stage only, so its first block."""
+    if model.family == "timm-swin":
+        structure = model.structure
+        return len(structure.blocks) - len(structure.stages[-1].blocks)
+    return 0
 
 
 def token_heatmap(

@@ -568,7 +568,7 @@ def alignment_record(align: CompAlign | str | Path) -> tuple[CompAlign, dict[str
     """``(maps, record)`` for ``build_index(..., align=...)``.
 
     ``align`` is a :class:`~vitdecomp.align.CompAlign`, its ``.safetensors`` file, or a folder
-    written by ``vitdecomp align --out DIR`` (see :func:`vitdecomp.cli._common.find_alignment`).
+    written by ``vitdecomp align --out DIR`` (see :func:`vitdecomp.align.find_alignment`).
     The record holds ``maps_sha256`` (a digest of the maps: the identity an index is checked
     against), ``file`` and ``sha256`` (the file's, None for an object), ``d_clip``, ``d_model``,
     ``n_components`` and the model / CLIP the maps were fitted for (when recorded).
@@ -580,7 +580,7 @@ def alignment_record(align: CompAlign | str | Path) -> tuple[CompAlign, dict[str
     if isinstance(align, CompAlign):
         maps = align
     elif isinstance(align, (str, Path)):
-        from .cli._common import find_alignment
+        from .align import find_alignment
 
         file = find_alignment(Path(align))
         maps = CompAlign.load(file)

@@ -338,9 +338,9 @@ def default_decomposition_start(model: Model | nn.Module) -> int:
     """First block of the decomposition map by default: 0, for Swin the first block of its last stage.
 
     (Swin's ``head_token`` decomposition covers the last stage only; see
-    :func:`vitdecomp.cli.heatmap_cmd.default_start_layer`, which this reuses.)
+    :func:`vitdecomp.heatmap.default_start_layer`, which this reuses.)
     """
-    from .cli.heatmap_cmd import default_start_layer
+    from .heatmap import default_start_layer
     from .model import wrap
 
     return default_start_layer(wrap(model))

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..stack import ComponentStack
     from ..store import ComponentStore
 
-__all__ = ["open_complete_store", "load_store_model", "text_tower", "iter_with_progress", "find_alignment"]
+__all__ = ["open_complete_store", "load_store_model", "text_tower", "iter_with_progress"]
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +65,6 @@ def text_tower(model: Model, *, hint: str) -> Any:
         return text_encoder(model)
     except UnsupportedModelError as exc:
         raise InputError(f"{model.name} has no text tower: {hint}") from exc
-
-
-def find_alignment(path: Path) -> Path:
-    """The CompAlign file for ``--align``: the file itself, or in a folder written by ``vitdecomp align
-    --out DIR`` its ``compalign.safetensors`` (else ``align.safetensors``, else its only ``*.safetensors``)."""
-    from ..errors import InputError
-    from .align_cmd import ALIGN_FILE
-
-    p = Path(path)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        for name in (ALIGN_FILE, "align.safetensors"):
-            if (p / name).is_file():
-                return p / name
-        found = sorted(p.glob("*.safetensors"))
-        if len(found) == 1:
-            return found[0]
-        raise InputError(f"--align {p}: expected {ALIGN_FILE} (written by `vitdecomp align --out DIR`) in it, "
-                         f"found {[f.name for f in found]}")
-    raise InputError(f"--align {p} does not exist")
 
 
 def iter_with_progress(store: ComponentStore, args: argparse.Namespace, desc: str,

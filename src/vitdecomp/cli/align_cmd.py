@@ -27,7 +27,6 @@ from typing import Any
 
 from ..errors import InputError
 
-ALIGN_FILE = "compalign.safetensors"
 CHECKPOINT = "checkpoint"
 CHECKPOINT_INPUTS = "checkpoint.inputs.json"
 RESULT_FILE = "align.json"
@@ -162,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..align import (
+        ALIGN_FILE,
         AlignmentInfeasibleError,
         _done_rows,
         fit_compalign,

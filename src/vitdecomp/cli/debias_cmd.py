@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from ..provenance import run_record, write_json
     from ..report import Figure, Report, Section, Table
     from ..text.pools import load_pool
-    from ._common import find_alignment, open_complete_store, text_tower
+    from ..align import find_alignment
+    from ._common import open_complete_store, text_tower
 
     if args.k < 1:
         raise InputError("--k must be at least 1")

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.images import find_images, load_image
     from ..errors import InputError, UnsupportedModelError
-    from ..heatmap import crop_box, render_original, render_panel, token_heatmap
+    from ..heatmap import crop_box, default_start_layer, render_original, render_panel, token_heatmap
     from ..loading import load
     from ..provenance import run_record, write_json
 
@@ -172,14 +172,6 @@ def run(args: argparse.Namespace) -> int:
     for path, reason in skipped.items():
         sys.stdout.write(f"skipped {path}: {reason}\n")
     sys.stdout.write(f"wrote {args.out / JSON_NAME}\n")
-    return 0
-
-
-def default_start_layer(model: Model) -> int:
-    """0, except for Swin: its token decomposition covers the last stage only, so its first block."""
-    if model.family == "timm-swin":
-        structure = model.structure
-        return len(structure.blocks) - len(structure.stages[-1].blocks)
     return 0
 
 
@@ -272,11 +264,11 @@ def _direction(args: argparse.Namespace, model: Model) -> dict[str, Any]:
 
 
 def _load_alignment(args: argparse.Namespace, model: Model) -> tuple[CompAlign, str, Path]:
-    """(maps, CLIP spec, file) from ``--align`` (see :func:`~vitdecomp.cli._common.find_alignment`) and
+    """(maps, CLIP spec, file) from ``--align`` (see :func:`~vitdecomp.align.find_alignment`) and
     ``--clip`` (default: the CLIP recorded in the maps by ``vitdecomp align``)."""
     from ..align import CompAlign
     from ..errors import InputError
-    from ._common import find_alignment
+    from ..align import find_alignment
 
     file = find_alignment(args.align)
     align = CompAlign.load(file)

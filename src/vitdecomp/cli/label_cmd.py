@@ -211,7 +211,7 @@ def _load_align(path: Path, store: Any) -> Any:
     """The CompAlign of ``vitdecomp align --out DIR`` (DIR or the file), checked against ``store``."""
     from ..align import CompAlign
     from ..errors import InputError
-    from ._common import find_alignment
+    from ..align import find_alignment
 
     file = find_alignment(path)
     align = CompAlign.load(file)

@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     from ..provenance import run_record, write_json
     from ..score import ScoreMoments, feature_basis, score_table
     from ..text import embed_templates, resolve_templates
-    from ._common import find_alignment, iter_with_progress, load_store_model, open_complete_store, text_tower
+    from ..align import find_alignment
+    from ._common import iter_with_progress, load_store_model, open_complete_store, text_tower
 
     if args.top < 1:
         raise InputError("--top must be at least 1")

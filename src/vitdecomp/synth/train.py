@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..debias import group_accuracy
 from ..errors import InputError
 from .dataset import PLACES, SPURIOUS_CLASSES, SPURIOUS_GROUPS, read_factors
 from .generator import SCENE_FACTORS, VOCABULARY, Scene, _factor, _pick, caption, describe, render_array, sample_scene
@@ -394,15 +395,6 @@ def evaluate_classifier(model: Any, *, task: str, classes: Sequence[str], groups
         groups_acc = group_accuracy(pred, labels, place)
         out.update(group_accuracy=groups_acc["groups"], worst_group_accuracy=groups_acc["worst_group"])
     return out
-
-
-def group_accuracy(pred: np.ndarray, y: np.ndarray, place: np.ndarray) -> dict[str, Any]:
-    """Accuracy per Waterbirds group ``g = 2 y + place`` (groups present only): ``groups`` {str(g): acc},
-    ``worst_group`` (min), ``average_group`` (unweighted mean over groups), ``weighted`` (over samples)."""
-    group = 2 * y + place
-    per = {str(g): float(np.mean(pred[group == g] == y[group == g])) for g in range(4) if (group == g).any()}
-    return {"groups": per, "worst_group": min(per.values()), "average_group": float(np.mean(list(per.values()))),
-            "weighted": float(np.mean(pred == y))}
 
 
 def _tail(losses: list[float]) -> float | None:
