@@ -32,7 +32,7 @@ def test_shipped_clip_loads_through_vd_load_and_reaches_its_recorded_zero_shot_a
     assert measured == pytest.approx(info["zero_shot_accuracy"], abs=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["spurious", "vit"])
+@pytest.mark.parametrize("kind", ["spurious", "vit", "swin"])
 def test_shipped_classifiers_reach_their_recorded_accuracy(kind):
     from vitdecomp.synth.train import evaluate_classifier
 
@@ -51,3 +51,24 @@ def test_shipped_clip_decomposes_exactly():
     model = load_shipped("clip")
     stack = vd.decompose(model, model.example_input(4), granularity="head")
     assert stack.error() <= 1e-5
+
+
+def test_shipped_swin_is_a_stock_timm_swin_and_decomposes_exactly_into_its_stages():
+    import timm.models.swin_transformer as swin
+
+    import vitdecomp as vd
+
+    model = load_shipped("swin")
+    assert isinstance(model.module, swin.SwinTransformer) and model.family == "timm-swin"
+    x = model.example_input(4)
+    stack = vd.decompose(model, x, granularity="head")
+    assert stack.error() <= 1e-5
+    stages = {lab.stage for lab in stack.labels if lab.kind == "head"}
+    assert stages == set(range(len(model.module.layers)))
+    import torch
+
+    with torch.no_grad():  # the decomposed representation is the pooled features its classifier reads
+        pooled = model.module.forward_head(model.module.forward_features(x), pre_logits=True)
+        logits = model.module(x)
+    assert float((stack.reference - pooled).abs().max()) <= 1e-5 * float(pooled.abs().max())
+    assert logits.shape[-1] == model.extras["tiny"]["num_classes"]

@@ -21,6 +21,7 @@ SHIPPED: dict[str, str] = {
     "clip": "tiny open_clip CLIP trained contrastively on captions of the synthetic world",
     "vit": "tiny timm ViT classifier of the main object's shape (supervised; read with text only through CompAlign)",
     "spurious": "tiny timm ViT classifier trained where the class goes with the background 95 % of the time",
+    "swin": "tiny timm Swin classifier of the main object's colour (hierarchical: two stages, windowed attention)",
 }
 
 
