@@ -144,8 +144,8 @@ def _synthetic(cfg: DemoConfig) -> tuple[Report, dict[str, Any]]:
     results["spurious"] = spurious_bench(clip, classifier, n_train=bench.n_spurious, n=bench.n_spurious,
                                          k=bench.top_k, n_random=bench.n_random, seed=bench.seed,
                                          batch_size=bench.batch_size)
-    vit = load_shipped("vit", cfg.weights)
-    results["aligned"] = aligned_bench(vit, clip, sample, texts, k=bench.top_k, n_random=bench.n_random,
+    swin = load_shipped("swin", cfg.weights)
+    results["aligned"] = aligned_bench(swin, clip, sample, texts, k=bench.top_k, n_random=bench.n_random,
                                        seed=bench.seed, batch_size=bench.batch_size)
     report = Report(title="vitdecomp demo: the synthetic world",
                     subtitle="A tiny CLIP and a tiny classifier trained on procedurally generated scenes whose "
@@ -384,8 +384,9 @@ def _section_aligned(results: dict[str, Any]) -> Section:
     k = results["k"]
     rows = [[f, ", ".join(r["components"]), r["top_k"], r["full"], r["random_k"]["mean"], r["chance"]]
             for f, r in a["factor_agreement"].items()]
-    return Section("aligned", "Beyond CLIP: a supervised ViT read through CompAlign", [
-        f"The tiny supervised ViT ({a['model']}) has no text tower. Each of its components is mapped into the tiny "
+    return Section("aligned", "Beyond CLIP: a supervised Swin read through CompAlign", [
+        f"The tiny supervised Swin ({a['model']}, a hierarchical model trained to classify colour) has no text "
+        "tower. Each of its components is mapped into the tiny "
         f"CLIP's image space by its own near-isometric linear map (CompAlign, METHOD §3), fitted on the CLIP image "
         f"embeddings of the same {a['n_images']} scenes; held-out cosine {a['val_cosine']:.3f} on {a['n_val']} val "
         f"scenes, largest orthogonality defect {a['defect_max']:.3f}. The aligned components are then scored and "

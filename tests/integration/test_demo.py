@@ -1,6 +1,6 @@
 """`vitdecomp demo` and `vitdecomp synth bench` end to end on tiny models trained for 2 steps (offline, CPU).
 
-The shipped weights are not used: a module fixture trains both tiny models (a few seconds) into a
+The shipped weights are not used: a module fixture trains every tiny model (a few seconds) into a
 folder that is passed as ``DemoConfig.weights`` / ``--weights``.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from vitdecomp.demo import SECTIONS, DemoConfig, run_demo  # noqa: E402
 from vitdecomp.report import check_html  # noqa: E402
 from vitdecomp.synth.bench import CLASSIFIER_NOTE, BenchConfig  # noqa: E402
 from vitdecomp.synth.generator import SCENE_FACTORS  # noqa: E402
+from vitdecomp.synth.tiny import SWIN_CONFIG  # noqa: E402
 
 SECTION_ID = re.compile(r'<section id="([^"]+)"')
 PNG_URI = re.compile(r'data:image/png;base64,([A-Za-z0-9+/=]+)')
@@ -35,13 +36,15 @@ SMALL = dict(n_images=60, n_segment=10, n_spurious=60, n_heatmaps=1)
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A folder with clip/, spurious/ and vit/ tiny models, as `vitdecomp synth train` writes them."""
+    """A folder with clip/, spurious/, vit/ and swin/ tiny models, as `vitdecomp synth train` writes them."""
     from vitdecomp.synth.train import train_classifier, train_clip
 
     root = tmp_path_factory.mktemp("weights")
     train_clip(steps=2, batch_size=8, eval_n=0, out_path=root / "clip")
     train_classifier(steps=2, batch_size=8, eval_n=0, spurious=0.95, task="shape", out_path=root / "spurious")
     train_classifier(steps=2, batch_size=8, eval_n=0, task="shape", out_path=root / "vit")
+    train_classifier(steps=2, batch_size=8, eval_n=0, task="colour", out_path=root / "swin", config=SWIN_CONFIG,
+                     kind="swin")
     return root
 
 
@@ -149,3 +152,5 @@ def test_cli_synth_bench_writes_json(weights, tmp_path, capsys):
     assert result["n_images"] == 60 and result["decomposition_error"] <= 1e-5
     assert result["models"]["clip"]["kind"] == "clip" and result["models"]["spurious"]["kind"] == "spurious"
     assert result["models"]["vit"]["kind"] == "vit" and set(result["aligned"]["factor_agreement"]) == set(SCENE_FACTORS)
+    assert result["models"]["swin"]["kind"] == "swin" and result["aligned"]["model"].startswith("tiny:swin")
+    assert result["aligned_vit"]["model"].startswith("tiny:vit")

@@ -159,10 +159,12 @@ def _bench(args: argparse.Namespace) -> int:
     from ..synth.bench import aligned_bench, factor_texts, make_sample
     from ..text import text_encoder
 
-    vit = load_shipped("vit", args.weights)
-    result["aligned"] = aligned_bench(vit, clip, make_sample(cfg.n_images, cfg.seed),
-                                      factor_texts(text_encoder(clip)), k=cfg.top_k, seed=cfg.seed)
-    result["models"] = {"clip": clip.extras["tiny"], "spurious": info, "vit": vit.extras["tiny"]}
+    sample, texts = make_sample(cfg.n_images, cfg.seed), factor_texts(text_encoder(clip))
+    swin, vit = load_shipped("swin", args.weights), load_shipped("vit", args.weights)
+    result["aligned"] = aligned_bench(swin, clip, sample, texts, k=cfg.top_k, seed=cfg.seed)
+    result["aligned_vit"] = aligned_bench(vit, clip, sample, texts, k=cfg.top_k, seed=cfg.seed)
+    result["models"] = {"clip": clip.extras["tiny"], "spurious": info, "swin": swin.extras["tiny"],
+                        "vit": vit.extras["tiny"]}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
@@ -187,8 +189,9 @@ def _bench(args: argparse.Namespace) -> int:
               f"{c['after']['worst_group']:.3f} (ablating {', '.join(c['selected'])}); random {c['k']}: "
               f"{c['random']['worst_group_mean']:.3f} ± {c['random']['worst_group_sd']:.3f}, max "
               f"{c['random']['worst_group_max']:.3f}\n")
-    a = result["aligned"]
-    out.write(f"CompAlign ({a['model']} -> CLIP space): val cosine {a['val_cosine']:.3f}; factor agreement top-k "
-              + ", ".join(f"{f} {r['top_k']:.2f} (random {r['random_k']['mean']:.2f})"
-                          for f, r in a["factor_agreement"].items()) + "\n")
+    for key in ("aligned", "aligned_vit"):
+        a = result[key]
+        out.write(f"CompAlign ({a['model']} -> CLIP space): val cosine {a['val_cosine']:.3f}; factor agreement "
+                  "top-k " + ", ".join(f"{f} {r['top_k']:.2f} (random {r['random_k']['mean']:.2f})"
+                                      for f, r in a["factor_agreement"].items()) + "\n")
     return 0
