@@ -199,6 +199,71 @@ def _vit_map(m: Model) -> ViTMap:
     return structure
 
 
+def _check_pixels(pixels: Any) -> None:
+    """``pixels`` must be a non-empty float tensor ``[batch, 3, H, W]`` (else :class:`InputError`)."""
+    import torch
+
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[0] == 0:
+        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise InputError(f"pixels must be a tensor [batch, 3, H, W], got {shape}")
+    if not torch.is_floating_point(pixels):
+        raise InputError("pixels must be a float tensor (preprocessed, normalised)")
+
+
+class _PatternHooks:
+    """Forward hooks that recompute every block's attention pattern during the model's own forward.
+
+    From the adapter's captured attention input, each block's pattern is the engine's
+    (``engines/vit.py``, ``on_block_end``) for every query row: ``softmax(q kᵀ · scale)``
+    ``[batch, heads, tokens, tokens]`` in ``dt``, computed without gradient. ``keep_values`` also
+    keeps each block's ``v`` (detached). Build it with the ViT map read inside the
+    ``_prepared`` context, register :meth:`specs` with :func:`vitdecomp.capture.hooks`.
+    """
+
+    def __init__(self, vmap: ViTMap, dt: torch.dtype, *, keep_values: bool = False) -> None:
+        n = len(vmap.blocks)
+        self.vmap, self.dt = vmap, dt
+        self.probs: list[torch.Tensor | None] = [None] * n
+        self.values: list[torch.Tensor | None] | None = [None] * n if keep_values else None
+        self.n_tokens: list[int] = []
+        self._caps: dict[int, dict[str, torch.Tensor]] = {}
+
+    def specs(self) -> list[Any]:
+        specs: list[Any] = []
+        for layer, blk in enumerate(self.vmap.blocks):
+            for cp in blk.attn.captures:
+                specs.append((cp.module, cp.where, self._capture(layer, cp.key)))
+            specs.append((blk.module, "output", self._block_end(layer)))
+        return specs
+
+    def _capture(self, layer: int, key: str) -> Any:
+        def fn(t: torch.Tensor) -> None:
+            self._caps.setdefault(layer, {})[key] = t
+
+        return fn
+
+    def _block_end(self, layer: int) -> Any:
+        import torch
+
+        attn, dt = self.vmap.blocks[layer].attn, self.dt
+
+        def fn(_: torch.Tensor) -> None:
+            with torch.no_grad():
+                q, k, v = attn.qkv(self._caps.pop(layer))
+                self.probs[layer] = torch.softmax((q.to(dt) @ k.to(dt).transpose(-1, -2)) * attn.scale, dim=-1)
+                if self.values is not None:
+                    self.values[layer] = v.detach().to(dt)  # a view of the live graph for some adapters
+            self.n_tokens.append(int(k.shape[-2]))
+
+        return fn
+
+    def complete(self) -> list[torch.Tensor]:
+        """The patterns, one per block; :class:`InputError` when a block did not run."""
+        if any(p is None for p in self.probs):
+            raise InputError("the model's forward did not run through its blocks; is this the right model?")
+        return [p for p in self.probs if p is not None]
+
+
 def _run(model: Any, pixels: Any) -> tuple[list[torch.Tensor], ViTMap, tuple[int, int]]:
     """One hooked forward pass: per-block patterns, the ViT map and the patch grid."""
     import torch
@@ -209,11 +274,7 @@ def _run(model: Any, pixels: Any) -> tuple[list[torch.Tensor], ViTMap, tuple[int
     from .model import wrap
 
     m = wrap(model)
-    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[0] == 0:
-        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        raise InputError(f"pixels must be a tensor [batch, 3, H, W], got {shape}")
-    if not torch.is_floating_point(pixels):
-        raise InputError("pixels must be a float tensor (preprocessed, normalised)")
+    _check_pixels(pixels)
     _vit_map(m)  # fail on Swin/MaxViT before running anything
     run_dtype = m.dtype
     dt = torch.float64 if run_dtype == torch.float64 else torch.float32
@@ -221,37 +282,10 @@ def _run(model: Any, pixels: Any) -> tuple[list[torch.Tensor], ViTMap, tuple[int
 
     with _prepared(m.module, run_dtype), _input_errors(m, x):
         vmap = _vit_map(m)
-        n_blocks = len(vmap.blocks)
-        probs: list[torch.Tensor | None] = [None] * n_blocks
-        caps: dict[int, dict[str, torch.Tensor]] = {}
-        n_tokens: list[int] = []
-
-        def capture(layer: int, key: str) -> Any:
-            def fn(t: torch.Tensor) -> None:
-                caps.setdefault(layer, {})[key] = t
-
-            return fn
-
-        def block_end(layer: int) -> Any:
-            attn = vmap.blocks[layer].attn
-
-            def fn(_: torch.Tensor) -> None:
-                q, k, _v = attn.qkv(caps.pop(layer))
-                # the engine's pattern (engines/vit.py, on_block_end), for every query row
-                probs[layer] = torch.softmax((q.to(dt) @ k.to(dt).transpose(-1, -2)) * attn.scale, dim=-1)
-                n_tokens.append(int(k.shape[-2]))
-
-            return fn
-
-        specs: list[Any] = []
-        for layer, blk in enumerate(vmap.blocks):
-            for cp in blk.attn.captures:
-                specs.append((cp.module, cp.where, capture(layer, cp.key)))
-            specs.append((blk.module, "output", block_end(layer)))
-        with hooks(specs):
+        patterns = _PatternHooks(vmap, dt)
+        with hooks(patterns.specs()):
             vmap.forward(x)
-    if any(p is None for p in probs):
-        raise InputError("the model's forward did not run through its blocks; is this the right model?")
-    info = _token_info(vmap, x, n_tokens[0])
+    probs = patterns.complete()
+    info = _token_info(vmap, x, patterns.n_tokens[0])
     assert info.grid is not None
-    return [p for p in probs if p is not None], vmap, info.grid
+    return probs, vmap, info.grid

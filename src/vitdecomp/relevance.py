@@ -389,18 +389,14 @@ def attention_pass(
     """
     import torch
 
-    from .attention_maps import _vit_map
+    from .attention_maps import _check_pixels, _PatternHooks, _vit_map
     from .capture import hooks
     from .decomposition import _input_errors, _prepared
     from .engines.vit import _token_info
     from .model import wrap
 
     m = wrap(model)
-    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[0] == 0:
-        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        raise InputError(f"pixels must be a tensor [batch, 3, H, W], got {shape}")
-    if not torch.is_floating_point(pixels):
-        raise InputError("pixels must be a float tensor (preprocessed, normalised)")
+    _check_pixels(pixels)
     if gradients and head is None:
         raise InputError("gradients need a target: pass a LogitHead (classifier_head / text_head)")
     vmap = _vit_map(m)  # fail on Swin/MaxViT before running anything
@@ -413,30 +409,7 @@ def attention_pass(
     if gradients:
         x.requires_grad_(True)  # a graph even when every parameter is frozen
 
-    n_blocks = len(vmap.blocks)
-    probs: list[torch.Tensor | None] = [None] * n_blocks
-    values: list[torch.Tensor | None] = [None] * n_blocks
-    writes: list[torch.Tensor | None] = [None] * n_blocks
-    caps: dict[int, dict[str, torch.Tensor]] = {}
-    n_tokens: list[int] = []
-
-    def capture(layer: int, key: str) -> Any:
-        def fn(t: torch.Tensor) -> None:
-            caps.setdefault(layer, {})[key] = t
-
-        return fn
-
-    def block_end(layer: int) -> Any:
-        attn = vmap.blocks[layer].attn
-
-        def fn(_: torch.Tensor) -> None:
-            with torch.no_grad():
-                q, k, v = attn.qkv(caps.pop(layer))
-                probs[layer] = torch.softmax((q.to(dt) @ k.to(dt).transpose(-1, -2)) * attn.scale, dim=-1)
-                values[layer] = v.detach().to(dt)  # a view of the live graph for some adapters
-            n_tokens.append(int(k.shape[-2]))
-
-        return fn
+    writes: list[torch.Tensor | None] = [None] * len(vmap.blocks)
 
     def write(layer: int) -> Any:
         def fn(t: torch.Tensor) -> None:
@@ -447,17 +420,15 @@ def attention_pass(
     grad_mode = torch.enable_grad() if gradients else nullcontext()
     with _prepared(m.module, run_dtype), _input_errors(m, x), grad_mode:
         vmap = _vit_map(m)
-        specs: list[Any] = []
-        for layer, blk in enumerate(vmap.blocks):
-            for cp in blk.attn.captures:
-                specs.append((cp.module, cp.where, capture(layer, cp.key)))
-            specs.append((blk.module, "output", block_end(layer)))
-            if gradients:
-                specs.append((writers[layer][0], "output", write(layer)))
+        patterns = _PatternHooks(vmap, dt, keep_values=True)
+        specs = patterns.specs()
+        if gradients:
+            specs += [(writers[layer][0], "output", write(layer)) for layer in range(len(vmap.blocks))]
         with hooks(specs):
             z = vmap.forward(x)
-        if any(p is None for p in probs):
-            raise InputError("the model's forward did not run through its blocks; is this the right model?")
+        probs = patterns.complete()
+        values = patterns.values
+        assert values is not None
         logits = chosen = None
         if head is not None:
             logits = head.logits(z)
@@ -474,10 +445,10 @@ def attention_pass(
             for layer, blk in enumerate(vmap.blocks):
                 grads.append(_prob_grads(blk, g_writes[layer], values[layer], probs[layer], dt, batch,
                                          scaled=not pre_scale[layer]))
-    info = _token_info(vmap, x, n_tokens[0])
+    info = _token_info(vmap, x, patterns.n_tokens[0])
     assert info.grid is not None
     return AttentionPass(
-        probs=[p for p in probs if p is not None],
+        probs=probs,
         grads=grads,
         representation=z.detach(),
         logits=None if logits is None else logits.detach(),
