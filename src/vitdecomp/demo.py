@@ -59,6 +59,9 @@ class DemoConfig:
     top_k: int = 3
     seed: int = 424_242
     weights: str | Path | None = None  # folder holding clip/ and spurious/ (default: the shipped models)
+    pretrained: bool = True  # --model: the library's pretrained weights (False: random weights, offline)
+    pool: str = "descriptions"  # --model with a text tower: the TextSpan pool
+    textspan_layers: int = 2  # --model with a text tower: TextSpan over the heads of the last N layers
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -405,9 +408,9 @@ def _real(spec: str | None, images: str | Path | None, cfg: DemoConfig) -> tuple
 
     if spec is None or images is None:
         raise InputError("a real-model demo needs both --model SPEC and --images DIR")
-    arrays, names = _read_images(Path(images), cfg.n_images)
-    model = load(spec)
+    model = load(spec, pretrained=cfg.pretrained)
     size = model.preprocessing.input_size
+    arrays, names, skipped = _read_images(Path(images), cfg.n_images, size)
     stack = decompose_sample(model, arrays, batch_size=16, granularity="head")
     z = stack.reference.double()
     values = stack.values.double()
@@ -415,6 +418,7 @@ def _real(spec: str | None, images: str | Path | None, cfg: DemoConfig) -> tuple
     order = share.mean(1).argsort(descending=True)[:15].tolist()
     results: dict[str, Any] = {"version": __version__, "model": model.name, "n_images": len(arrays),
                                "n_components": len(stack.labels), "decomposition_relative_error": stack.error(),
+                               "images": names, "skipped": skipped,
                                "top_components": {str(stack.labels[i]): float(share[i].mean()) for i in order}}
     report = Report(title=f"vitdecomp demo: {model.name}", subtitle=f"{len(arrays)} images from {images}",
                     sections=[], meta={"vitdecomp": __version__, "model": model.name, "images": str(images)})
@@ -430,33 +434,81 @@ def _real(spec: str | None, images: str | Path | None, cfg: DemoConfig) -> tuple
         "Each patch's contribution through all heads to the image's own predicted class direction (classifier "
         "weights) or, for a model without a classifier, to its own representation direction."],
         [Grid(figures, columns=2)]))
-    missing = ("text labels, feature scores, retrieval by feature and spurious-cue removal need either a CLIP text "
-               "tower and text pools, or CompAlign for a non-CLIP model; for real images the known factors of the "
-               "synthetic world are not available either")
+    encoder = _text_tower_or_none(model)
+    if encoder is not None:
+        spans = _real_textspan(stack, encoder, cfg)
+        results["textspan"] = spans
+        rows = [[s["component"], "; ".join(s["texts"]), sum(s["variance_explained"])] for s in spans]
+        report.sections.append(Section("textspan", "Heads labelled with text (TextSpan)", [
+            f"Each head of the last {cfg.textspan_layers} layers, labelled with the {cfg.textspan_texts} texts of the "
+            f"shipped '{cfg.pool}' pool that span most of its variance over these {len(arrays)} images (covariance "
+            "form, METHOD §5). With this few images the labels are a first look; run `vitdecomp decompose ... --out "
+            "STORE` and `vitdecomp label STORE` on a dataset for labels to cite."],
+            [Table(["head", "texts", "variance explained"], rows)]))
+    missing = ("feature scores, retrieval by feature and spurious-cue removal need a dataset with known factors or "
+               "labels (the synthetic world, or a store of your own: `vitdecomp score`, `retrieve`, `debias`); "
+               + ("text labels need a CLIP text tower or CompAlign (`vitdecomp align`) for this model"
+                  if encoder is None else "they run on stores, not on a folder of images"))
     report.sections.append(Section("not-run", "Not run for this model", [missing]))
     results["not_run"] = missing
     return report, results
 
 
-def _read_images(folder: Path, limit: int) -> tuple[np.ndarray, list[str]]:
-    from PIL import Image, UnidentifiedImageError
+def _text_tower_or_none(model: Model) -> Any:
+    from .errors import UnsupportedModelError
+    from .text import text_encoder
+
+    try:
+        return text_encoder(model)
+    except UnsupportedModelError:
+        return None
+
+
+def _real_textspan(stack: Any, encoder: Any, cfg: DemoConfig) -> list[dict[str, Any]]:
+    """TextSpan (covariance form) of the heads of the last ``cfg.textspan_layers`` layers with a shipped pool."""
+    from .store import RunningMoments
+    from .text.pools import load_pool
+    from .textspan import textspan_heads
+
+    pool = load_pool(cfg.pool)
+    embeddings = encoder.encode(pool.texts).double().numpy()
+    moments = RunningMoments(len(stack.labels), stack.dim, covariance=True)
+    moments.update(stack.values.movedim(0, 1).double().numpy())
+    layers = sorted({lab.layer for lab in stack.labels if lab.kind == "head"})[-cfg.textspan_layers:]
+    heads = [i for i, lab in enumerate(stack.labels) if lab.kind == "head" and lab.layer in layers]
+    rank = min(32, stack.dim, max(1, stack.batch_size - 1))
+    results = textspan_heads(moments, [str(x) for x in stack.labels], pool.texts, embeddings, components=heads,
+                             m=cfg.textspan_texts, rank=rank)
+    return [{"component": r.label, "texts": r.texts, "variance_explained": r.variance_explained} for r in results]
+
+
+def _read_images(folder: Path, limit: int, size: tuple[int, int] = (224, 224)) -> tuple[
+        np.ndarray, list[str], dict[str, str]]:
+    """The first ``limit`` readable images of ``folder`` (sorted paths) as ``[n, H, W, 3]`` uint8, each scaled
+    and centre-cropped to the model's input ``size`` (H, W) without distorting its aspect ratio; plus their
+    names and ``{path: reason}`` of the files skipped on the way."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from .errors import InputError
 
     if not folder.is_dir():
         raise InputError(f"--images {folder}: not a folder")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
-    arrays, names = [], []
-    for path in files[:limit]:
+    arrays, names, skipped = [], [], {}
+    for path in files:
+        if len(arrays) >= limit:
+            break
         try:
             with Image.open(path) as im:
-                arrays.append(np.asarray(im.convert("RGB").resize((224, 224))))
+                arrays.append(np.asarray(ImageOps.fit(im.convert("RGB"), (size[1], size[0]),
+                                                      method=Image.Resampling.BICUBIC)))
             names.append(path.name)
         except (UnidentifiedImageError, OSError) as exc:
             log.warning("skipping %s: %s", path, exc)
+            skipped[str(path)] = str(exc)
     if not arrays:
         raise InputError(f"--images {folder}: no readable images")
-    return np.stack(arrays), names
+    return np.stack(arrays), names, skipped
 
 
 def _real_heatmaps(model: Model, images: np.ndarray) -> list[Any]:

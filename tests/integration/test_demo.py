@@ -154,3 +154,50 @@ def test_cli_synth_bench_writes_json(weights, tmp_path, capsys):
     assert result["models"]["vit"]["kind"] == "vit" and set(result["aligned"]["factor_agreement"]) == set(SCENE_FACTORS)
     assert result["models"]["swin"]["kind"] == "swin" and result["aligned"]["model"].startswith("tiny:swin")
     assert result["aligned_vit"]["model"].startswith("tiny:vit")
+
+
+def _photo_folder(root, n=20):
+    """``n`` non-square RGB images of mixed sizes (a stand-in for a user's photo folder) plus one broken file."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = (90, 140) if i % 2 else (150, 100)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"img{i:02d}.png")
+    (root / "broken.jpg").write_bytes(b"not an image")
+    return root
+
+
+def test_real_model_demo_runs_offline_with_random_weights(tmp_path, capsys):
+    images = _photo_folder(tmp_path / "photos")
+    out = tmp_path / "real"
+    code = main(["demo", "--model", "timm:test_vit", "--no-pretrained", "--images", str(images), "--n-images", "20",
+                 "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["n_images"] == 20 and results["decomposition_relative_error"] <= 1e-5
+    assert len(results["images"]) == 20 and list(results["skipped"]) == [str(images / "broken.jpg")]
+    html = (out / "report.html").read_text(encoding="utf-8")
+    check_html(html)
+    sections = re.findall(r'<section id="([^"]+)"', html)
+    assert sections == ["model", "components", "heatmaps", "not-run"]  # no text tower: no TextSpan section
+    assert "textspan" not in results and "CompAlign" in results["not_run"]
+    assert "timm:test_vit" in capsys.readouterr().out
+
+
+def test_real_model_demo_labels_heads_with_text_for_a_clip(tmp_path):
+    from vitdecomp.synth.weights import shipped_path
+    from vitdecomp.text.pools import load_pool
+
+    images = _photo_folder(tmp_path / "photos")
+    cfg = DemoConfig(n_images=20, n_heatmaps=1)
+    results = run_demo(tmp_path / "real", model=f"open_clip:local-dir:{shipped_path('clip')}", images=images,
+                       config=cfg)
+    spans = results["textspan"]
+    n_heads = 4  # heads per layer of the tiny CLIP; the last 2 layers are labelled
+    assert [s["component"][:3] for s in spans] == ["L02"] * n_heads + ["L03"] * n_heads
+    pool = set(load_pool(cfg.pool).texts)
+    for s in spans:
+        assert len(s["texts"]) == cfg.textspan_texts and set(s["texts"]) <= pool
+        assert 0.0 <= sum(s["variance_explained"]) <= 1.0 + 1e-9
+    html = (tmp_path / "real" / "report.html").read_text(encoding="utf-8")
+    assert '<section id="textspan"' in html

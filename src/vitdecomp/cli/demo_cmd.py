@@ -23,6 +23,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--images", type=Path, help="folder of images for --model")
     p.add_argument("--n-images", type=int, help="images to decompose (default 600; 64 with --model)")
     p.add_argument("--quick", action="store_true", help="small settings (seconds; for a first look and tests)")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="with --model: random weights, offline (to try the pipeline without a download)")
     p.add_argument("--weights", type=Path, help=argparse.SUPPRESS)  # folder with clip/ and spurious/ (tests)
     p.set_defaults(run=run)
 
@@ -41,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--n-images must be at least 20")
         cfg.n_images = args.n_images
     cfg.weights = args.weights
+    if args.no_pretrained:
+        if args.model is None:
+            raise InputError("--no-pretrained goes with --model")
+        cfg.pretrained = False
     results = run_demo(args.out, model=args.model, images=args.images, config=cfg)
     out = sys.stdout
     out.write(f"vitdecomp demo: {results['model']}, {results['n_images']} images, {results['n_components']} components, "
