@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import best_of
 
 
 def _write(path: Path, values: np.ndarray, ref: np.ndarray, names: list[str], chunk: int) -> None:
@@ -47,15 +47,6 @@ def _write(path: Path, values: np.ndarray, ref: np.ndarray, names: list[str], ch
         stack = ComponentStack(torch.from_numpy(values[lo:hi]).movedim(0, 1).contiguous(), labels,
                                torch.from_numpy(ref[lo:hi]))
         store.write_chunk(i, stack, [f"img{j:07d}" for j in range(lo, hi)], {})
-
-
-def _best(fn, repeat: int) -> float:  # noqa: ANN001
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -97,7 +88,7 @@ def main() -> None:
                 pass
 
         read()  # warm the page cache
-        t_read = _best(read, args.repeat)
+        t_read = best_of(args.repeat, read)
         result["read_pass_s"] = t_read
         ct, yt = torch.from_numpy(c), torch.from_numpy(y)
 
@@ -107,8 +98,8 @@ def main() -> None:
         for objective in ("penalty", "orthogonal"):
             cfg = AlignConfig(parametrisation=objective, epochs=1, batch_size=args.batch_size, patience=None)
             fit_compalign(memory, comp, dm, dc, cfg)  # warm-up (imports, allocator)
-            t_fit = _best(lambda cfg=cfg: fit_compalign(source, comp, dm, dc, cfg), args.repeat)
-            t_mem = _best(lambda cfg=cfg: fit_compalign(memory, comp, dm, dc, cfg), args.repeat)
+            t_fit = best_of(args.repeat, lambda cfg=cfg: fit_compalign(source, comp, dm, dc, cfg))
+            t_mem = best_of(args.repeat, lambda cfg=cfg: fit_compalign(memory, comp, dm, dc, cfg))
             result[objective] = {"fit_streamed_s": t_fit, "fit_in_memory_s": t_mem,
                                  "streamed_over_two_reads": t_fit / (2 * t_read),
                                  "streamed_over_in_memory": t_fit / t_mem,

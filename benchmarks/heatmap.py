@@ -27,8 +27,9 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from typing import Any
+
+from _timing import median_ratio, paired_rounds
 
 
 def main() -> None:
@@ -79,24 +80,15 @@ def main() -> None:
 
     configs = {"forward": forward, "heatmap (projected)": projected, "heatmap (unprojected)": unprojected,
                "draw (640x480)": draw}
-    times: dict[str, list[float]] = {k: [] for k in configs}
     with torch.no_grad():
-        for _ in range(args.warmup):
-            for fn in configs.values():
-                fn()
-        names = list(configs)
-        for r in range(args.repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                t0 = time.perf_counter()
-                configs[name]()
-                times[name].append(time.perf_counter() - t0)
+        times = paired_rounds(configs, repeats=args.repeats, warmup=args.warmup)
     base = times["forward"]
     print(f"model {args.model} (random weights), batch {args.batch}, {args.threads} threads, device {args.device}, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
     print(f"{'configuration':<24} {'s/batch':>9} {'img/s':>8} {'x forward':>10}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        ratio = statistics.median(t / b for t, b in zip(ts, base))
+        ratio = median_ratio(ts, base)
         print(f"{name:<24} {med:9.4f} {args.batch / med:8.2f} {ratio:10.1f}")
 
 

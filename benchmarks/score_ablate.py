@@ -30,6 +30,8 @@ import resource
 import time
 from pathlib import Path
 
+from _timing import best_of
+
 FEATURE_K = (7, 8, 7, 7, 7, 6, 5, 5)
 
 
@@ -65,15 +67,6 @@ def build_store(path: Path, n: int, chunk: int):  # noqa: ANN201 - ComponentStor
         stack = ComponentStack(values=values, labels=tuple(parse_label(s) for s in labels), reference=values.sum(0))
         store.write_chunk(index, stack, [f"item{r}" for r in rows], targets=(np.asarray(rows) % 10).tolist())
     return ComponentStore.open(path)
-
-
-def best_of(repeat: int, fn) -> float:  # noqa: ANN001
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> int:

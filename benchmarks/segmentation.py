@@ -29,8 +29,9 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from typing import Any
+
+from _timing import median_ratio, paired_rounds
 
 
 def main() -> None:
@@ -92,21 +93,9 @@ def main() -> None:
 
     configs = {"forward": forward, "attention": attention, "gradients": gradients,
                "decomposition": decomposition, "all five": all_five, "metrics": metrics}
-    for fn in configs.values():
-        for _ in range(args.warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in configs}
+    times = paired_rounds(configs, repeats=args.repeats, warmup=args.warmup,
+                          sync=torch.cuda.synchronize if args.device != "cpu" else None)
     names = list(configs)
-    for r in range(args.repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            if args.device != "cpu":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            configs[name]()
-            if args.device != "cpu":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
 
     desc = model.describe()
     print(f"### Segmentation maps vs a plain forward ({args.model}, random weights)\n")
@@ -118,7 +107,7 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name in names:
         med = statistics.median(times[name])
-        ratio = statistics.median(t / f for t, f in zip(times[name], times["forward"]))
+        ratio = median_ratio(times[name], times["forward"])
         print(f"| {name} | {med:.3f} | {args.batch / med:.1f} | {ratio:.2f} |")
 
 
