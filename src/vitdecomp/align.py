@@ -640,7 +640,7 @@ class CompAlign:
         total = mapped.to(torch.float64).sum(0)
         if stack.has_tokens:
             total = total.sum(1)
-        return replace(stack, values=mapped, reference=total.to(dtype), space="clip", meta=meta)
+        return replace(stack, values=mapped, reference=total.to(dtype), space="clip", meta=meta, scale=None)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary recorded in aligned stacks' ``meta["alignment"]``."""

@@ -120,7 +120,8 @@ def iter_decompose(
 
     Exactness: the parts' sum is accumulated in float64 as they are yielded; after the
     last part the generator raises :class:`~vitdecomp.errors.DecompositionError` if
-    ``||sum - reference|| / ||reference||`` exceeds the tolerance. Consume it to the end.
+    ``||sum - reference|| / scale`` exceeds the tolerance (the scale of the unprojected
+    representation, see :class:`ComponentStack`). Consume it to the end.
     """
     import torch
 
@@ -141,6 +142,7 @@ def iter_decompose(
             next(parts)  # runs the forward pass and reads the model
     total: torch.Tensor | None = None
     reference: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
     while True:
         with torch.no_grad():
             part = next(parts, None)
@@ -148,11 +150,11 @@ def iter_decompose(
             break
         assert isinstance(part, ComponentStack)
         total = part.total() if total is None else total + part.total()
-        reference = part.reference
+        reference, scale = part.reference, part.scale
         yield part
         del part
     if check and total is not None and reference is not None:
-        check_error(relative_error(total, reference), tol, m.name)
+        check_error(relative_error(total, reference, scale), tol, m.name)
 
 
 def _arguments(

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Model", "wrap", "load_checkpoint", "weights_unavailable", "WeightsUnavailableError"]
+__all__ = ["Model", "wrap", "load_checkpoint", "weights_digest", "weights_unavailable", "hub_offline",
+           "WeightsUnavailableError"]
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +192,45 @@ def wrap(module: Any, *, name: str | None = None) -> Model:
 
 
 def weights_unavailable(spec: str, exc: BaseException) -> WeightsUnavailableError:
-    """The error raised when a library could not get pretrained weights."""
+    """The one-line error raised when a library could not get pretrained weights.
+
+    The library's own message is cut to its first line (hub errors run over several), and the
+    fixes are named: download once online, ``--checkpoint FILE``, or ``--no-pretrained``.
+    """
+    detail = " ".join(str(exc).split())
+    if len(detail) > 160:
+        detail = detail[:157] + "..."
+    where = "HF_HUB_OFFLINE is set" if hub_offline() else "no network or no cached copy"
     return WeightsUnavailableError(
-        f"could not get pretrained weights for {spec!r} ({type(exc).__name__}: {exc}). "
-        "Without network access vitdecomp can only use weights already in your local cache. "
-        "Fix: download them once where you have network (they are cached), or pass "
-        "checkpoint=FILE (--checkpoint FILE), or use pretrained=False (--no-pretrained) "
-        "for random weights."
+        f"pretrained weights for {spec} are not available ({where}; {type(exc).__name__}: {detail}). "
+        "Fix: download them once with network (they are cached), pass --checkpoint FILE, or use "
+        "--no-pretrained for random weights."
     )
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted (``HF_HUB_OFFLINE``)."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 (16 hex digits) over every parameter and buffer, by name: the identity of weights
+    that have no name (random init, a wrapped module)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def file_sha256(path: Path, limit: int | None = None) -> str:

@@ -10,7 +10,10 @@ and the identity it is built to satisfy,
 
     sum_comp (sum_token) values  ==  reference   (fp32: rel. error <= 1e-5, fp64: <= 1e-10).
 
-``error()`` measures how far that holds (max over images of ||total - reference|| / ||reference||),
+``error()`` measures how far that holds (max over images of ||total - reference|| / scale, where
+the scale is ||reference|| for a stack in the model's space and ||z|| * ||U||_2 for one projected
+onto directions ``U``: errors are always measured against the *unprojected* representation ``z``,
+so a projection onto a direction nearly orthogonal to ``z`` cannot inflate them),
 ``check()`` raises :class:`~vitdecomp.errors.DecompositionError` above tolerance. Every
 transformation here is linear, so it keeps the identity: ``project(directions)``
 maps values and reference alike, ``group()`` sums rows, ``select(..., keep_rest=True)``
@@ -40,7 +43,7 @@ from .labels import ComponentLabel, parse_label
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ComponentStack", "TokenInfo", "default_rtol", "relative_error", "check_error"]
+__all__ = ["ComponentStack", "TokenInfo", "default_rtol", "directions_norm", "projected_scale", "relative_error", "check_error"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,10 @@ class ComponentStack:
             or ``"projected"`` (after :meth:`project`).
         tokens: token geometry for token stacks, else None.
         meta: how the stack was made (model, granularity, modes, dtype, ...).
+        scale: ``[batch]`` the size errors are measured against, or None for
+            ``||reference||``. A projection sets it to ``||z|| * ||U||_2`` (``z`` the
+            unprojected representation, ``U`` the directions), the largest the projected
+            reference can be, so the relative error never grows under projection.
     """
 
     values: torch.Tensor
@@ -106,6 +113,7 @@ class ComponentStack:
     space: str = "model"
     tokens: TokenInfo | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.values.shape[0] != len(self.labels):
@@ -116,6 +124,44 @@ class ComponentStack:
             )
         if self.has_tokens and self.tokens is not None and len(self.tokens.types) != self.values.shape[2]:
             raise ValueError("token info does not match the token axis")
+        if self.scale is not None and tuple(self.scale.shape) != (self.reference.shape[0],):
+            raise ValueError(f"scale has shape {tuple(self.scale.shape)}, expected ({self.reference.shape[0]},)")
+
+    @classmethod
+    def concat(cls, stacks: Sequence[ComponentStack]) -> ComponentStack:
+        """Stacks of the same components over different images, joined along the batch axis.
+
+        Labels, space, tokens and meta come from the first stack; the error scales are joined
+        with the values (so projected stacks keep their yardstick).
+        """
+        import torch
+
+        if not stacks:
+            raise ValueError("concat() needs at least one stack")
+        first = stacks[0]
+        if any(s.labels != first.labels for s in stacks[1:]):
+            raise ValueError("concat() needs stacks with the same components")
+        if len(stacks) == 1:
+            return first
+        scaled = any(s.scale is not None for s in stacks)
+        return replace(
+            first,
+            values=torch.cat([s.values for s in stacks], dim=1),
+            reference=torch.cat([s.reference for s in stacks], dim=0),
+            scale=torch.cat([s.error_scale() for s in stacks]) if scaled else None,
+        )
+
+    def take_items(self, index: torch.Tensor | Sequence[int]) -> ComponentStack:
+        """The images at ``index`` (batch positions), with their references and error scales."""
+        import torch
+
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.values.device)
+        return replace(
+            self,
+            values=self.values.index_select(1, idx),
+            reference=self.reference.index_select(0, idx.to(self.reference.device)),
+            scale=self.scale.index_select(0, idx.to(self.scale.device)) if self.scale is not None else None,
+        )
 
     # ------------------------------------------------------------------ shape
     @property
@@ -176,8 +222,16 @@ class ComponentStack:
         return total
 
     def error(self) -> float:
-        """Max over images of ``||total - reference||_2 / ||reference||_2``."""
-        return relative_error(self.total(), self.reference)
+        """Max over images of ``||total - reference||_2 / scale`` (``scale``: see the class)."""
+        return relative_error(self.total(), self.reference, self.scale)
+
+    def error_scale(self) -> torch.Tensor:
+        """``[batch]`` float64: the size errors are measured against (``||reference||`` unless projected)."""
+        import torch
+
+        if self.scale is not None:
+            return self.scale.to(torch.float64)
+        return self.reference.to(torch.float64).norm(dim=-1)
 
     def check(self, rtol: float | None = None) -> ComponentStack:
         """Raise :class:`DecompositionError` if ``error() > rtol``; return self otherwise.
@@ -314,7 +368,9 @@ class ComponentStack:
             directions: ``[k, d]`` rows (class weights, unit text embeddings).
 
         The reference is projected too, so the result still sums to it; for a
-        classifier ``stack.project(W).total() + b`` are the logits.
+        classifier ``stack.project(W).total() + b`` are the logits. The error scale becomes
+        ``scale * ||directions||_2`` (spectral norm): a projection can shrink the error but
+        never the yardstick below what the projected error can reach.
         """
         if directions.dim() == 1:
             directions = directions[None]
@@ -323,7 +379,8 @@ class ComponentStack:
         dirs = directions.to(device=self.values.device, dtype=self.values.dtype)
         values = self.values @ dirs.T
         reference = self.reference @ directions.to(self.reference.device, self.reference.dtype).T
-        return replace(self, values=values, reference=reference, space="projected")
+        scale = self.error_scale() * directions_norm(directions)
+        return replace(self, values=values, reference=reference, space="projected", scale=scale)
 
     def token_shares(self) -> dict[str, torch.Tensor]:
         """Mass share of each token type in every component (METHOD §2.3).
@@ -351,7 +408,9 @@ class ComponentStack:
 
     def to(self, *args: Any, **kwargs: Any) -> ComponentStack:
         """``Tensor.to`` applied to values and reference."""
-        return replace(self, values=self.values.to(*args, **kwargs), reference=self.reference.to(*args, **kwargs))
+        scale = self.scale.to(self.reference.to(*args, **kwargs).device) if self.scale is not None else None
+        return replace(self, values=self.values.to(*args, **kwargs), reference=self.reference.to(*args, **kwargs),
+                       scale=scale)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
@@ -371,6 +430,8 @@ class ComponentStack:
             "values": self.values.detach().contiguous().cpu(),
             "reference": self.reference.detach().contiguous().cpu(),
         }
+        if self.scale is not None:
+            tensors["scale"] = self.scale.detach().contiguous().cpu()
         save_file(tensors, str(path), metadata=header)
         return path
 
@@ -387,6 +448,7 @@ class ComponentStack:
                 header = f.metadata() or {}
                 values = f.get_tensor("values")
                 reference = f.get_tensor("reference")
+                scale = f.get_tensor("scale") if "scale" in f.keys() else None
         except Exception as exc:  # safetensors raises its own error types
             raise InputError(f"{path} is not a readable stack file: {exc}") from exc
         if header.get("format") != "vitdecomp.ComponentStack/1":
@@ -398,6 +460,7 @@ class ComponentStack:
             space=header.get("space", "model"),
             tokens=TokenInfo.from_json(json.loads(header.get("tokens", "null"))),
             meta=json.loads(header.get("meta", "{}")),
+            scale=scale,
         )
 
     def __repr__(self) -> str:
@@ -427,17 +490,59 @@ _GROUPERS: dict[str, Callable[[ComponentLabel], ComponentLabel]] = {
 }
 
 
-def relative_error(total: torch.Tensor, reference: torch.Tensor) -> float:
-    """Max over images of ``||total - reference||_2 / ||reference||_2`` (float64; 0 for no images).
+def directions_norm(directions: torch.Tensor) -> torch.Tensor:
+    """Spectral norm ``||U||_2`` of ``[k, d]`` directions (a 0-d float64 tensor).
+
+    For any error vector ``e``, ``||U e|| <= ||U||_2 ||e||``: the factor by which a projection
+    can grow an error, and so the factor the error scale grows by (for one direction ``u``,
+    ``||u||``; for orthonormal rows, 1).
+    """
+    import torch
+
+    u = directions.detach().to(torch.float64)
+    if u.dim() == 1:
+        u = u[None]
+    if u.shape[0] == 1:
+        return u[0].norm()
+    return torch.linalg.matrix_norm(u.cpu(), ord=2).to(u.device)
+
+
+def projected_scale(
+    reference: torch.Tensor, directions: torch.Tensor | None, norm: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Error scale of a stack projected at decomposition time: ``||z|| * ||U||_2 / norm``.
+
+    Args:
+        reference: the *unprojected* representation ``z`` ``[batch, d]``.
+        directions: ``[k, d]`` or None (no projection: returns None, i.e. ``||reference||``).
+        norm: ``[batch]`` divisor applied to every row (``normalize=True``), or None.
+    """
+    if directions is None:
+        return None
+    import torch
+
+    scale = reference.detach().to(torch.float64).norm(dim=-1) * directions_norm(directions).to(reference.device)
+    if norm is not None:
+        scale = scale / norm.to(torch.float64)
+    return scale
+
+
+def relative_error(total: torch.Tensor, reference: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+    """Max over images of ``||total - reference||_2 / scale`` (float64; 0 for no images).
 
     Args:
         total: summed components ``[batch, d]``; reference: the model's output ``[batch, d]``.
+        scale: ``[batch]`` yardstick; default ``||reference||_2``. For a stack projected onto
+            directions ``U`` pass ``||z|| * ||U||_2`` (``z`` unprojected): otherwise a direction
+            nearly orthogonal to ``z`` divides a rounding-level error by a near-zero size.
     """
     import torch
 
     ref = reference.to(torch.float64)
     diff = (total.to(torch.float64) - ref).norm(dim=-1)
-    scale = ref.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    if scale is None:
+        scale = ref.norm(dim=-1)
+    scale = scale.to(device=diff.device, dtype=torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
     return float((diff / scale).max()) if ref.shape[0] else 0.0
 
 

@@ -928,10 +928,11 @@ def load_hf(rest: str, *, pretrained: bool, checkpoint: Path | None = None) -> M
     except Exception as exc:
         if local is not None:
             raise InputError(f"{spec}: not a transformers model directory ({type(exc).__name__}: {exc})") from exc
+        detail = " ".join(str(exc).split())[:160]
         raise WeightsUnavailableError(
-            f"could not get the config of {spec!r} ({type(exc).__name__}: {exc}). Without network access "
-            "vitdecomp can only use repositories already in your local Hugging Face cache. Fix: download it "
-            "once where you have network, or save the model with save_pretrained(DIR) and use 'hf:DIR'."
+            f"the config of {spec} is not available (not in the local Hugging Face cache; {type(exc).__name__}: "
+            f"{detail}). Fix: download it once with network, or save the model with save_pretrained(DIR) and "
+            "use 'hf:DIR'."
         ) from exc
     cls = _model_class(config, spec)
     use_hub = pretrained and checkpoint is None

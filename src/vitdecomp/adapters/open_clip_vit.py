@@ -98,7 +98,6 @@ __all__ = ["OpenClipViTAdapter", "load_open_clip"]
 log = logging.getLogger(__name__)
 
 _SCHEMAS = ("hf-hub:", "local-dir:")
-_TRUE = {"1", "ON", "YES", "TRUE"}
 # Attention parameters the adapter knows how to read (anything else in ``attn`` is refused).
 _ATTN_PARAMS = {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
 
@@ -476,13 +475,9 @@ register_adapter(OpenClipViTAdapter())
 
 # -------------------------------------------------------------------- loading
 def _offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE:
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    from ..model import hub_offline
+
+    return hub_offline()
 
 
 def _cached_weights(tag_cfg: dict[str, Any]) -> str | None:

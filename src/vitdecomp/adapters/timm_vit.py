@@ -227,11 +227,13 @@ def load_timm(name: str, *, pretrained: bool, checkpoint: Any = None) -> Any:
     import timm
 
     from ..errors import InputError
-    from ..model import Model, load_checkpoint, weights_unavailable
+    from ..model import Model, hub_offline, load_checkpoint, weights_unavailable
 
     if not timm.is_model(name):
         raise InputError(f"timm has no model named {name!r} (see timm.list_models())")
     use_hub = pretrained and checkpoint is None
+    if use_hub and hub_offline() and not _timm_weights_cached(name):
+        raise weights_unavailable(f"timm:{name}", FileNotFoundError("not in the local Hugging Face cache"))
     try:
         module = timm.create_model(name, pretrained=use_hub)
     except Exception as exc:
@@ -250,3 +252,26 @@ def load_timm(name: str, *, pretrained: bool, checkpoint: Any = None) -> Any:
     except Exception:  # pragma: no cover - older timm
         transform = None
     return Model(module, name=f"timm:{name}", weights=weights, transform=transform)
+
+
+def _timm_weights_cached(name: str) -> bool:
+    """Whether timm's pretrained weights for ``name`` are in the local Hugging Face cache.
+
+    Only hub-hosted weights can be checked; for URL-hosted ones this answers True and timm's
+    own loader decides (it reads its own cache first).
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+    except ImportError:  # pragma: no cover
+        return True
+    cfg = get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return True
+    repo, _, revision = hub_id.partition("@")
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin",
+                     "open_clip_model.safetensors"):
+        if isinstance(try_to_load_from_cache(repo, filename, revision=revision or None), str):
+            return True
+    return False

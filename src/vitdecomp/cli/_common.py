@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from ..stack import ComponentStack
     from ..store import ComponentStore
 
-__all__ = ["open_complete_store", "load_store_model", "text_tower", "iter_with_progress"]
+__all__ = ["open_complete_store", "add_model_arguments", "pretrained_choice", "load_store_model", "load_alignment_clip", "text_tower",
+           "iter_with_progress"]
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +36,70 @@ def open_complete_store(path: Path, *, role: str = "store") -> ComponentStore:
     return store
 
 
-def load_store_model(store: ComponentStore, spec: str | None, checkpoint: Path | None = None) -> Model:
-    """Load ``spec`` (default: the store's own model) and require it to be the store's model.
+def add_model_arguments(p: argparse.ArgumentParser, *, required: bool = False, store: bool = True,
+                        help_model: str | None = None) -> None:
+    """The model options every model-building command shares: ``--model``, ``--no-pretrained``, ``--checkpoint``.
 
-    Weights follow the store: a ``checkpoint`` file when given (the store must record its sha256),
-    random initialisation for a ``random-init`` store (seed 0, as ``vitdecomp decompose --no-pretrained``),
-    else the library's pretrained weights.
+    Args:
+        required: ``--model`` must be given (commands that do not read a store).
+        store: the command reads a store, whose recorded model is the default.
+    """
+    default = " (default: the store's own model, rebuilt offline from its record)" if store else ""
+    p.add_argument("--model", required=required,
+                   help=(help_model or "model spec: timm:NAME | open_clip:ARCH[:TAG] | hf:REPO_OR_PATH | synth:KIND "
+                         "(`vitdecomp models`)") + default)
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="random weights (offline)" + ("; a store records this itself" if store else ""))
+    p.add_argument("--checkpoint", type=Path, help="load weights from a local .safetensors / torch file"
+                   + (" (the one the store was decomposed with)" if store else ""))
+
+
+def pretrained_choice(args: argparse.Namespace) -> bool | None:
+    """``False`` when ``--no-pretrained`` was given, else None (follow the record)."""
+    return False if getattr(args, "no_pretrained", False) else None
+
+
+def load_store_model(store: ComponentStore, spec: str | None, checkpoint: Path | None = None,
+                     *, pretrained: bool | None = None, device: str | None = None) -> Model:
+    """The model a store was written with, rebuilt from the store's record (offline-first).
+
+    ``spec`` (``--model``) overrides the recorded spec but must name the same model. Weights follow
+    the record (:func:`~vitdecomp.loading.load_recorded`): random init (checked against the recorded
+    digest, no hub access), a shipped tiny model, the same ``checkpoint`` file, or pretrained
+    weights from the local cache.
     """
     from ..errors import InputError
-    from ..loading import load
+    from ..loading import load_recorded
 
-    spec = spec or store.config.model
-    weights = store.config.weights
-    if checkpoint is None and weights.startswith("checkpoint:"):
-        raise InputError(f"{store.path} was decomposed with a checkpoint ({weights}): pass the same --checkpoint FILE")
-    model = load(spec, pretrained=weights != "random-init", checkpoint=checkpoint)
-    if model.name != store.config.model or model.weights != weights:
-        raise InputError(f"--model {spec} ({model.name}, {model.weights}) is not the store's model "
-                         f"({store.config.model}, {weights})")
+    model = load_recorded(
+        spec or store.config.model, store.config.weights, checkpoint=checkpoint, pretrained=pretrained,
+        device=device, weights_digest=(store.config.extra or {}).get("weights_digest"), what=f"store {store.path}",
+    )
+    if model.name != store.config.model:
+        raise InputError(f"--model {spec} is not the store's model ({store.config.model}); drop --model to use it")
+    return model
+
+
+def load_alignment_clip(align: Any, spec: str | None, *, checkpoint: Path | None = None,
+                        pretrained: bool | None = None, device: str | None = None) -> Model:
+    """The CLIP a CompAlign was fitted to, rebuilt from the maps' record (``clip_model``, ``clip_weights``).
+
+    ``spec`` (``--model``) replaces the recorded CLIP; its weights then follow ``pretrained`` and
+    ``checkpoint`` (a warning notes that the texts come from another CLIP than the maps were fitted to).
+    """
+    from ..errors import InputError
+    from ..loading import load, load_recorded
+
+    recorded, weights = align.meta.get("clip_model"), align.meta.get("clip_weights")
+    if spec is None or spec == recorded:
+        if not recorded or not weights:
+            raise InputError("the alignment does not record its CLIP model: give --model")
+        return load_recorded(recorded, weights, checkpoint=checkpoint, pretrained=pretrained, device=device,
+                             what="the alignment's CLIP")
+    model = load(spec, pretrained=pretrained is not False, checkpoint=checkpoint, device=device)
+    if weights not in (None, model.weights):
+        log.warning("the maps were fitted to %s (%s); the texts come from %s (%s)", recorded, weights,
+                    model.name, model.weights)
     return model
 
 

@@ -16,6 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._common import add_model_arguments
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -54,8 +56,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     head.add_argument("--head", choices=("linear", "model"),
                       help="linear: ridge least squares on one-hot targets over the reference set; "
                       "model: the model's own classifier (e.g. a timm ViT's head)")
-    p.add_argument("--model", help="model spec (default: the store's own model; must be the store's model)")
-    p.add_argument("--checkpoint", type=Path, help="the weights file the store was decomposed with, if any")
+    add_model_arguments(p, help_model="model spec (must be the store's model)")
     p.add_argument("--templates", default="photo",
                    help="template set for --classes (plain, photo, synth, or one '{}' template; default photo)")
     which = p.add_mutually_exclusive_group()
@@ -186,8 +187,7 @@ def _subset(stack: ComponentStack, keep: np.ndarray) -> ComponentStack:
     for key in ("rows", "ids", "valid"):
         if key in meta:
             meta[key] = [meta[key][i] for i in idx.tolist()]
-    return replace(stack, values=stack.values.index_select(1, idx), reference=stack.reference.index_select(0, idx),
-                   meta=meta)
+    return replace(stack.take_items(idx), meta=meta)
 
 
 class _Reference:
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..provenance import run_record, write_json
     from ..text import resolve_templates, zero_shot_head
-    from ._common import iter_with_progress, load_store_model, open_complete_store, text_tower
+    from ._common import iter_with_progress, load_store_model, open_complete_store, pretrained_choice, text_tower
 
     directions = [] if args.curve.strip().lower() == "none" else [s.strip() for s in args.curve.split(",") if s.strip()]
     bad = [d for d in directions if d not in ("from_last", "from_first")]
@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     predict: Callable[[torch.Tensor], torch.Tensor] | None = None
     n_classes: int
     if classes is not None:
-        model = load_store_model(store, args.model, args.checkpoint)
+        model = load_store_model(store, args.model, args.checkpoint, pretrained=pretrained_choice(args))
         encoder = text_tower(model, hint="zero-shot needs a CLIP store; use --head linear (or --head model)")
         templates = resolve_templates(args.templates)
         w_zs = zero_shot_head(encoder, classes, templates).to(torch.float64)
@@ -348,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         head_info = {"kind": "zero-shot", "classes": classes, "templates": list(templates),
                      "model": model.name, "weights": model.weights}
     elif args.head == "model":
-        model = load_store_model(store, args.model, args.checkpoint)
+        model = load_store_model(store, args.model, args.checkpoint, pretrained=pretrained_choice(args))
         found = model.classifier()
         if found is None:
             raise InputError(f"{model.name} has no classifier head of its own; use --classes FILE or --head linear")

@@ -10,6 +10,8 @@ Model specs:
   timm:NAME                 e.g. timm:deit_small_patch16_224, timm:vit_small_patch14_reg4_dinov2
   open_clip:ARCH[:TAG]      e.g. open_clip:ViT-B-16:laion2b_s34b_b88k
   hf:REPO_OR_LOCAL_PATH     e.g. hf:openai/clip-vit-base-patch16, hf:./my_saved_model
+  synth:KIND                a tiny model shipped with vitdecomp (offline; listed below), or
+  synth:FOLDER              one you trained with `vitdecomp synth train KIND --out FOLDER`
 Add --no-pretrained for random weights (offline) or --checkpoint FILE for local weights.
 """
 
@@ -28,4 +30,28 @@ def run(args: argparse.Namespace) -> int:
     for adapter in registered_adapters():
         out.write(f"  {adapter.family:<16} {adapter.description}\n")
     out.write("\n" + SPEC_HELP)
+    out.write("\nShipped tiny models (trained on the synthetic world; held-out accuracy as recorded at training):\n")
+    for line in shipped_model_lines():
+        out.write(f"  {line}\n")
     return 0
+
+
+def shipped_model_lines() -> list[str]:
+    """One line per shipped tiny model: its spec, what it was trained for and its recorded accuracy."""
+    import json
+
+    from ..synth.weights import SHIPPED, shipped_path
+
+    lines = []
+    for kind, what in SHIPPED.items():
+        info = json.loads((shipped_path(kind) / "tiny_model.json").read_text(encoding="utf-8"))
+        zero_shot = info.get("zero_shot_accuracy")
+        if zero_shot:
+            acc = "zero-shot " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(zero_shot.items()))
+        else:
+            acc = f"{info.get('task', '?')} {info.get('accuracy', float('nan')):.2f}"
+            worst = (info.get("eval") or {}).get("worst_group_accuracy")
+            if worst is not None:
+                acc += f" (worst group {worst:.2f})"
+        lines.append(f"synth:{kind:<9} {what}; {acc}")
+    return lines

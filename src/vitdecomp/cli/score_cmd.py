@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._common import add_model_arguments
+
 if TYPE_CHECKING:
     from ..text.pools import TextPool
 
@@ -37,9 +39,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    "file with one text per line (the feature is named after the file)")
     p.add_argument("--pool", action="append", default=[], metavar="NAME|FILE",
                    help="score each text of this pool (shipped name or file) as its own one-text feature; repeatable")
-    p.add_argument("--model", help="model spec of the text tower (default: the store's own model; with --align: "
-                   "the CLIP the maps go into, default the one recorded in the alignment)")
-    p.add_argument("--checkpoint", type=Path, help="the weights file the store was decomposed with, if any")
+    add_model_arguments(p, help_model="model spec of the text tower (default: the store's own model, rebuilt from its "
+                        "record; with --align: the CLIP the maps go into, default the one recorded in the alignment)")
     p.add_argument("--align", type=Path, metavar="DIR|FILE",
                    help="a fitted CompAlign (`vitdecomp align --out DIR`, or its .safetensors file): maps the "
                    "components into CLIP space first")
@@ -110,12 +111,13 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..errors import InputError
-    from ..loading import load
     from ..provenance import run_record, write_json
     from ..score import ScoreMoments, feature_basis, score_table
     from ..text import embed_templates, resolve_templates
     from ..align import find_alignment
-    from ._common import iter_with_progress, load_store_model, open_complete_store, text_tower
+    from ._common import (
+        iter_with_progress, load_alignment_clip, load_store_model, open_complete_store, pretrained_choice, text_tower,
+    )
 
     if args.top < 1:
         raise InputError("--top must be at least 1")
@@ -142,22 +144,16 @@ def run(args: argparse.Namespace) -> int:
         if fitted_for[0] is not None and fitted_for != (store.config.model, store.config.weights):
             raise InputError(f"--align {align_file} was fitted for {fitted_for[0]} ({fitted_for[1]}), the store holds "
                              f"{store.config.model} ({store.config.weights})")
-        clip_spec = args.model or align.meta.get("clip_model")
-        if not clip_spec:
-            raise InputError("--align needs --model: the CLIP model whose space the maps go into (its text tower)")
         if align.n_components != len(labels) or align.d_model != store.comp_shape[-1]:
             raise InputError(f"--align {align_file}: maps for {align.n_components} components of dim {align.d_model}, "
                              f"the store has {len(labels)} of dim {store.comp_shape[-1]}")
         if align.labels is not None and list(align.labels) != labels:
             raise InputError(f"--align {align_file} was fitted for other components than the store's")
-        model = load(clip_spec)
-        if args.model is None and align.meta.get("clip_weights") not in (None, model.weights):
-            raise InputError(f"{clip_spec} loads weights {model.weights}, the maps were fitted into "
-                             f"{align.meta.get('clip_weights')}: give --model")
+        model = load_alignment_clip(align, args.model, checkpoint=args.checkpoint, pretrained=pretrained_choice(args))
         dim = align.d_clip
         encoder = text_tower(model, hint="--model must be the CLIP model the alignment maps into")
     else:
-        model = load_store_model(store, args.model, args.checkpoint)
+        model = load_store_model(store, args.model, args.checkpoint, pretrained=pretrained_choice(args))
         dim = int(store.comp_shape[-1])
         encoder = text_tower(model, hint="fit a CompAlign into a CLIP space and pass --align FILE --model CLIP")
 

@@ -87,7 +87,7 @@ from ..capture import hooks
 from ..errors import InputError, UnsupportedModelError
 from ..labels import ComponentLabel
 from ..readout import ViTReadout
-from ..stack import ComponentStack, TokenInfo
+from ..stack import ComponentStack, TokenInfo, projected_scale
 
 if TYPE_CHECKING:
     from torch import nn
@@ -587,6 +587,7 @@ def decompose_maxvit(
         values=values,
         labels=tuple(labels),
         reference=reference_out,
+        scale=projected_scale(reference, dirs, norm if normalize else None),
         space="projected" if dirs is not None else "model",
         tokens=TokenInfo(types=("patch",) * n_tok, grid=st.final_grid) if tokens else None,
         meta=info,

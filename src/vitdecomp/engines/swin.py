@@ -73,7 +73,7 @@ import torch
 from ..capture import hooks
 from ..errors import InputError, UnsupportedModelError
 from ..labels import ComponentLabel
-from ..stack import ComponentStack, TokenInfo
+from ..stack import ComponentStack, TokenInfo, projected_scale
 
 if TYPE_CHECKING:
     from torch import nn
@@ -576,6 +576,7 @@ def decompose_swin(
         values=values,
         labels=tuple(labels),
         reference=reference_out,
+        scale=projected_scale(reference, dirs, norm if normalize else None),
         space="projected" if dirs is not None else "model",
         tokens=token_info,
         meta=info,

@@ -31,7 +31,7 @@ import torch
 from ..capture import hooks
 from ..errors import InputError
 from ..labels import ComponentLabel
-from ..stack import ComponentStack, TokenInfo
+from ..stack import ComponentStack, TokenInfo, projected_scale
 
 if TYPE_CHECKING:
     from ..adapters.base import BlockMap, ViTMap
@@ -106,6 +106,7 @@ class _Prepared:
     device: torch.device
     spread: torch.Tensor | None  # added to every row (the readout constant, when it has no row)
     norm: torch.Tensor | None  # [B] divisor (normalize=True)
+    scale: torch.Tensor | None  # [B] error yardstick of a projected stack (||z|| ||U||_2 / norm)
     space: str
     tokens: TokenInfo | None
     meta: dict[str, Any]
@@ -134,7 +135,8 @@ class _Prepared:
 
     def stack(self, values: torch.Tensor, labels: list[ComponentLabel], meta: dict[str, Any]) -> ComponentStack:
         return ComponentStack(
-            values=values, labels=tuple(labels), reference=self.reference, space=self.space, tokens=self.tokens, meta=meta
+            values=values, labels=tuple(labels), reference=self.reference, space=self.space, tokens=self.tokens,
+            meta=meta, scale=self.scale,
         )
 
 
@@ -463,6 +465,7 @@ def _run(
         device=reference.device,
         spread=None,
         norm=None,
+        scale=projected_scale(reference, dirs),
         space="projected" if dirs is not None else "model",
         tokens=_token_info(vmap, pixels, n_tok) if tokens else None,
         meta={},
@@ -474,6 +477,7 @@ def _run(
     if normalize:
         prep.norm = reference.norm(dim=-1).clamp_min(torch.finfo(dt).tiny)
         prep.reference = prep.reference / prep.norm[:, None]
+        prep.scale = projected_scale(reference, dirs, prep.norm)
     info = dict(meta or {})
     info.update(
         granularity=granularity,

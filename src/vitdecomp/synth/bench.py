@@ -136,9 +136,7 @@ def decompose_sample(model: Model, images: np.ndarray, *, batch_size: int = 100,
 
     parts = [decompose(model, _pixels(model, images[i:i + batch_size]), **kwargs)
              for i in range(0, len(images), batch_size)]
-    first = parts[0]
-    return ComponentStack(torch.cat([p.values for p in parts], dim=1), first.labels,
-                          torch.cat([p.reference for p in parts]), first.space, first.tokens, dict(first.meta))
+    return ComponentStack.concat(parts)
 
 
 def factor_texts(encoder: Any, factors: Sequence[str] = SCENE_FACTORS) -> dict[str, np.ndarray]:
