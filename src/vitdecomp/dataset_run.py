@@ -39,11 +39,15 @@ if TYPE_CHECKING:
     from .model import Model
     from .store import ComponentStore, RunningMoments
 
-__all__ = ["decompose_dataset", "DatasetRun", "STATS_NAME"]
+__all__ = ["decompose_dataset", "DatasetRun", "STATS_NAME", "SOURCE_FILE", "dataset_root"]
 
 log = logging.getLogger(__name__)
 
 STATS_NAME = "moments"
+#: ``STORE/source.json``: where the dataset was last read from (``{"root", "kind"}``), so that item ids
+#: (paths relative to the root) can be turned back into files (``vitdecomp retrieve --image PATH``).
+#: Not part of the store's configuration: the same dataset moved elsewhere resumes the same store.
+SOURCE_FILE = "source.json"
 
 
 @dataclass
@@ -126,7 +130,7 @@ def decompose_dataset(
     from .data.datasets import iter_batches, open_dataset
     from .decomposition import decompose
     from .distributed import barrier, dist_info
-    from .model import wrap
+    from .model import weights_digest, wrap
     from .store import ComponentStore, StoreConfig
 
     m = wrap(model)
@@ -147,7 +151,7 @@ def decompose_dataset(
     extra = {
         "dataset": source.fingerprint(),
         # random or wrapped weights have no name: key the store by their content
-        "weights_digest": _weights_digest(m.module) if m.weights in ("random-init", "unknown") else None,
+        "weights_digest": weights_digest(m.module) if m.weights in ("random-init", "unknown") else None,
         "directions": _tensor_digest(directions),
         "stats_directions": _tensor_digest(stats_directions),
     }
@@ -160,6 +164,8 @@ def decompose_dataset(
     store = ComponentStore.create_or_open(
         out, config, probe.labels, comp_shape, space=probe.space, tokens=probe.tokens
     )
+    if rank == 0:
+        _record_source(store, source)
     pending = store.pending_chunks(rank, world_size)
     if max_chunks is not None:
         pending = pending[: max(0, max_chunks)]
@@ -198,15 +204,34 @@ def decompose_dataset(
     return run
 
 
-def _weights_digest(module: nn.Module) -> str:
-    """sha256 (16 hex digits) over every parameter and buffer, by name."""
-    import torch
+def _record_source(store: ComponentStore, source: Any) -> None:
+    """Write :data:`SOURCE_FILE` (best effort: a store on a read-only medium still runs)."""
+    import json
+    import os
 
-    h = hashlib.sha256()
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    root = getattr(source, "root", "")
+    if not root:
+        return
+    record = {"root": os.path.abspath(root), "kind": getattr(source, "name", None)}
+    path = store.path / SOURCE_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot record the dataset root in %s: %s", path, exc)
+
+
+def dataset_root(store: ComponentStore | str | Path) -> Path | None:
+    """The dataset root recorded in a store by :func:`decompose_dataset` (:data:`SOURCE_FILE`), or None."""
+    import json
+
+    base = Path(getattr(store, "path", store))
+    try:
+        root = json.loads((base / SOURCE_FILE).read_text(encoding="utf-8")).get("root")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(root) if isinstance(root, str) and root else None
 
 
 def _tensor_digest(t: torch.Tensor | None) -> str | None:

@@ -43,7 +43,8 @@ centre crop). :func:`crop_box` reads that geometry from the model's transform an
 :class:`CropBox`: where the model input lies on the original image (it may extend past it
 when the transform pads). :func:`map_to_original` evaluates the bilinear interpolant of the
 token grid at every original pixel centre inside the box, :func:`render_original` draws it at
-the original size with the pixels the model never saw greyed out, and :func:`render_panel`
+the original size (or shrunk to a longest side, :func:`fit_overlay`, which bounds memory and
+file size) with the pixels the model never saw greyed out, and :func:`render_panel`
 adds a colour bar and the prefix tokens' values beside the map. For models read through
 CompAlign, :func:`aligned_directions` pulls CLIP-space directions back through the maps
 (``<y, F_i c> = <F_iᵀ y, c>``) so the token stack can be contracted before it is expanded,
@@ -76,6 +77,7 @@ __all__ = [
     "Heatmap",
     "aligned_directions",
     "crop_box",
+    "fit_overlay",
     "map_to_original",
     "prefix_names",
     "render_original",
@@ -416,6 +418,15 @@ class CropBox:
         in_y = (v >= 0) & (v < self.input_height)
         return in_y[:, None] & in_x[None, :]
 
+    def resized(self, width: int, height: int) -> CropBox:
+        """The same box on the original image resized to ``width x height`` (coordinates scale with
+        the image: a point ``x`` of the original is ``x * width / image_width`` on the resized one)."""
+        if width <= 0 or height <= 0:
+            raise InputError(f"image size must be positive, got {(width, height)}")
+        sx, sy = width / self.image_width, height / self.image_height
+        return replace(self, left=self.left * sx, top=self.top * sy, right=self.right * sx,
+                       bottom=self.bottom * sy, image_width=int(width), image_height=int(height))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "left": self.left, "top": self.top, "right": self.right, "bottom": self.bottom,
@@ -587,6 +598,36 @@ def map_to_original(patch: Any, box: CropBox) -> tuple[np.ndarray, np.ndarray]:
     return ry @ grid @ rx.T, box.inside()
 
 
+def fit_overlay(image: Any, box: CropBox, max_side: int | None) -> tuple[Image.Image, CropBox]:
+    """The image shrunk (never enlarged) so that its longest side is at most ``max_side``, and the
+    box on the shrunk image (:meth:`CropBox.resized`); unchanged when it already fits or
+    ``max_side`` is None. Drawing on the shrunk image bounds the memory and the file size of an
+    overlay whatever the size of the original; the geometry (the inverse of the model's
+    resize/crop) is the same.
+
+    Args:
+        image: the original image (PIL or uint8 array) of the box's size.
+        box: from :func:`crop_box` for the original size.
+        max_side: longest side of the result in pixels (>= 1), or None.
+    """
+    from PIL import Image
+
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(_rgb_array(image).astype(np.uint8))
+    if pil.size != (box.image_width, box.image_height):
+        raise InputError(f"image is {pil.size[0]}x{pil.size[1]} but the crop box was made for "
+                         f"{box.image_width}x{box.image_height}")
+    if max_side is None or max(pil.size) <= max_side:
+        return pil, box
+    if max_side < 1:
+        raise InputError(f"max_side must be at least 1, got {max_side}")
+    scale = max_side / max(pil.size)
+    size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+    log.info("overlay drawn at %dx%d (the image is %dx%d; longest side limited to %d px)",
+             size[0], size[1], pil.width, pil.height, max_side)
+    small = pil.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return small, box.resized(*size)
+
+
 def render_original(
     image: Any,
     patch: Any,
@@ -595,8 +636,9 @@ def render_original(
     *,
     alpha: float = 0.5,
     vmax: float | None = None,
+    max_side: int | None = None,
 ) -> Image.Image:
-    """Draw a token grid over the original image, at the original size.
+    """Draw a token grid over the original image, at the original size (or shrunk to ``max_side``).
 
     Inside the box the colours are those of :func:`render_overlay` (blue negative, white zero,
     red positive, ``s = clip(h / vmax, -1, 1)``) blended with weight ``alpha`` over the
@@ -610,14 +652,18 @@ def render_original(
         path: where to save it; None to only return it.
         alpha: weight of the colour map, in [0, 1].
         vmax: value drawn at full saturation; default ``max |patch|``.
+        max_side: draw on the image shrunk so that its longest side is at most this
+            (:func:`fit_overlay`); None: the original size.
 
     Returns:
-        RGB image of the original size.
+        RGB image of the original size (or of the shrunk size).
     """
     from PIL import Image
 
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"alpha must be in [0, 1], got {alpha}")
+    if max_side is not None:
+        image, box = fit_overlay(image, box, max_side)
     base = _rgb_array(image)
     if base.shape[:2] != (box.image_height, box.image_width):
         raise InputError(
@@ -772,5 +818,5 @@ def take_columns(stack: ComponentStack, columns: Sequence[Sequence[int]]) -> Com
     total = picked.to(torch.float64).sum(0)
     if stack.has_tokens:
         total = total.sum(1)
-    return replace(stack, values=picked, reference=total.to(values.dtype), space="projected",
+    return replace(stack, values=picked, reference=total.to(values.dtype), space="projected", scale=None,
                    meta={**stack.meta, "columns": "per-component"})

@@ -91,11 +91,12 @@ def load_alignment_clip(align: Any, spec: str | None, *, checkpoint: Path | None
     from ..loading import load, load_recorded
 
     recorded, weights = align.meta.get("clip_model"), align.meta.get("clip_weights")
-    if spec is None or spec == recorded:
-        if not recorded or not weights:
-            raise InputError("the alignment does not record its CLIP model: give --model")
+    if spec is None and not recorded:
+        raise InputError("the alignment does not record its CLIP model: give --model")
+    if (spec is None or spec == recorded) and weights:
         return load_recorded(recorded, weights, checkpoint=checkpoint, pretrained=pretrained, device=device,
                              what="the alignment's CLIP")
+    spec = spec or recorded
     model = load(spec, pretrained=pretrained is not False, checkpoint=checkpoint, device=device)
     if weights not in (None, model.weights):
         log.warning("the maps were fitted to %s (%s); the texts come from %s (%s)", recorded, weights,

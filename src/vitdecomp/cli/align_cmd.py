@@ -82,7 +82,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     z = p.add_argument_group("zero-shot accuracy of the mapped sum (optional)")
     z.add_argument("--classes", type=Path,
                    help="text file, one class name per line, line k naming the stores' target k")
-    z.add_argument("--model", help="CLIP model spec for the class texts (default: the CLIP store's model)")
+    z.add_argument("--model", help="CLIP model spec for the class texts (default: the CLIP store's model, rebuilt "
+                   "from its record)")
+    z.add_argument("--no-pretrained", action="store_true", help="random weights for --model (offline)")
     z.add_argument("--templates", default="photo", help="template set for the class names (default photo)")
     t = p.add_argument_group("TextSpan match rate (METHOD §3 metric (b), optional)")
     t.add_argument("--match-rate", action="store_true",
@@ -133,6 +135,40 @@ def _config(args: argparse.Namespace, labels: list[str]) -> tuple[Any, list[str]
         kwargs["patience"] = args.patience or None
     config = AlignConfig(mode=args.maps.replace("-", "_"), groups=groups, common_scale=args.common_scale, **kwargs)
     return config, names
+
+
+#: transformers ``model_type`` s that are image towers only (no text tower, so not a CLIP space to align into).
+_HF_IMAGE_ONLY = frozenset({"clip_vision_model", "siglip_vision_model", "vit", "dinov2", "dinov2_with_registers"})
+
+
+def _text_tower_missing(spec: str) -> str | None:
+    """Why the model of ``spec`` (a store's recorded model) has no text tower, or None when it has one or
+    that cannot be told without loading it. Reads no weights: timm models are image-only, open_clip
+    models are CLIPs, a transformers model is judged by its config (from a local directory or the cache)."""
+    prefix, _, rest = spec.partition(":")
+    if prefix == "timm":
+        return "a timm image model"
+    if prefix != "hf" or not rest:
+        return None
+    try:
+        import transformers
+
+        path = Path(rest).expanduser()
+        config = transformers.AutoConfig.from_pretrained(str(path) if path.is_dir() else rest)
+    except Exception:  # noqa: BLE001 - unknown here: the fit goes on (and a later text step says so)
+        return None
+    model_type = getattr(config, "model_type", None)
+    return f"a transformers {model_type} image model" if model_type in _HF_IMAGE_ONLY else None
+
+
+def _require_text_tower(clip_store: Any, path: Path) -> None:
+    """Refuse a CLIP store whose recorded model has no text tower (before anything is fitted)."""
+    why = _text_tower_missing(str(clip_store.config.model))
+    if why is not None:
+        raise InputError(
+            f"--clip-store {path} was written with {clip_store.config.model} ({why}, no text tower): its embeddings "
+            "are not a CLIP space to align into; pass the store of a CLIP (open_clip:..., or an hf CLIP/SigLIP) over "
+            "the same images")
 
 
 def _cli_alternatives(exc: Exception) -> str:
@@ -188,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--match-m must be at least 1")
     store = ComponentStore.open(args.store)
     clip_store = ComponentStore.open(args.clip_store)
+    _require_text_tower(clip_store, args.clip_store)
     labels = list(store.labels)
     n_comp, d_model, d_clip = len(labels), int(store.comp_shape[-1]), int(clip_store.ref_dim)
     config, map_names = _config(args, labels)
@@ -327,6 +364,7 @@ def _class_head(args: argparse.Namespace, clip_store: Any, d_clip: int, path: Pa
     """Zero-shot head ``[n_classes, d_clip]`` of the class names in ``path`` (default ``--classes``)."""
     from ..loading import load
     from ..text import text_encoder, zero_shot_head
+    from ._common import load_store_model, pretrained_choice
 
     path = path if path is not None else args.classes
     if not path.is_file():
@@ -336,10 +374,10 @@ def _class_head(args: argparse.Namespace, clip_store: Any, d_clip: int, path: Pa
     if not names:
         raise InputError(f"--classes {path} lists no class names")
     spec = args.model or clip_store.config.model
-    model = load(spec)
-    if args.model is None and model.weights != clip_store.config.weights:
-        raise InputError(f"{spec} loads weights {model.weights}, the CLIP store was made with "
-                         f"{clip_store.config.weights}: give --model")
+    if args.model is None:
+        model = load_store_model(clip_store, None, pretrained=pretrained_choice(args))
+    else:
+        model = load(spec, pretrained=not args.no_pretrained)
     head = zero_shot_head(text_encoder(model), names, args.templates)
     if head.shape[1] != d_clip:
         raise InputError(f"the text tower of {spec} is {head.shape[1]} wide, the CLIP store's embeddings {d_clip}")

@@ -3,18 +3,24 @@
 With ``--out STORE`` (a directory or ``*.zarr``, anything but ``.safetensors``) the input is a
 dataset and the components are streamed into a resumable on-disk store instead
 (:func:`vitdecomp.dataset_run.decompose_dataset`); under ``torchrun`` every rank writes its
-own chunks of the same store.
+own chunks of the same store. Ctrl-C there ends the run with one line saying how many chunks are
+kept in the store (exit code 130); running the same command again resumes from them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 SHOW_PER_IMAGE = 4
+#: Exit code of a run ended by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -91,11 +97,7 @@ def run(args: argparse.Namespace) -> int:
         used.extend(batch.paths)
     if not stacks:
         raise InputError(f"none of the {len(paths)} images could be read: {skipped}")
-    stack = stacks[0] if len(stacks) == 1 else replace(
-        stacks[0],
-        values=torch.cat([s.values for s in stacks], dim=1),
-        reference=torch.cat([s.reference for s in stacks], dim=0),
-    )
+    stack = vd.ComponentStack.concat(stacks)
     stack = replace(stack, meta={**stack.meta, "images": [str(p) for p in used], "skipped": skipped})
     report = _report(model, stack, args.top)
     report.update(images=[str(p) for p in used], skipped=skipped)
@@ -136,6 +138,9 @@ def run_dataset(args: argparse.Namespace) -> int:
             progress=not (args.json or args.quiet),
             max_chunks=args.max_chunks,
         )
+    except KeyboardInterrupt:
+        log.error("%s", interrupted_message(args.out))
+        return EXIT_INTERRUPTED
     finally:
         if joined:
             shutdown()
@@ -161,6 +166,23 @@ def run_dataset(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(_format_dataset(summary, manifest))
     return 0
+
+
+def interrupted_message(out: Path) -> str:
+    """One line for a dataset run ended by Ctrl-C: the chunks kept in ``out`` and how to resume.
+
+    A chunk is kept once its done record is written (the last step of writing it), so the count
+    read back from the store is exactly what a rerun will not recompute.
+    """
+    from ..store import ComponentStore
+
+    try:
+        store = ComponentStore.open(out)
+        done, total = len(store.done_chunks()), store.n_chunks
+    except Exception:  # noqa: BLE001 - interrupted before the store existed (or while creating it)
+        return f"interrupted: nothing kept in {out}; run the same command again to start"
+    return (f"interrupted: {done} of {total} chunks kept in {out}; run the same command again to resume "
+            f"({total - done} to go)")
 
 
 def _format_dataset(summary: dict[str, Any], manifest: dict[str, Any]) -> str:

@@ -4,8 +4,8 @@ Per image, the signed token map ``h_t = <y, sum_{i in I} c_{i,t}>`` (METHOD §6.
 components ``I`` along ``y`` (a text embedding, a contrast ``y1 - y2``, or a classifier's class
 weight), drawn over the image at its original size (the model's resize/centre-crop undone, the
 pixels it never saw greyed out), with the prefix tokens (CLS, registers) beside the map and a
-colour bar. Writes ``OUT/<stem>.png`` (overlay, original size), ``OUT/<stem>_panel.png`` (overlay,
-colour bar, prefix tokens, caption) and ``OUT/heatmaps.json`` (grids, prefix values and the sum
+colour bar. Writes ``OUT/<stem>.png`` (overlay, original size, shrunk so that its longest side is at
+most ``--max-side``, default 1024 px), ``OUT/<stem>_panel.png`` (overlay, colour bar, prefix tokens, caption) and ``OUT/heatmaps.json`` (grids, prefix values and the sum
 check ``sum_t h_t = <y, sum_{i in I} c_i>`` against a separate head-level decomposition).
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from ..stack import ComponentStack
 
 JSON_NAME = "heatmaps.json"
+#: Default ``--max-side``: longest side of a written overlay, in pixels.
+MAX_SIDE = 1024
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -40,7 +42,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         ),
     )
     p.add_argument("images", nargs="+", type=Path, help="image files or directories (searched recursively)")
-    p.add_argument("--model", required=True, help="timm:NAME | open_clip:ARCH[:TAG] | hf:REPO_OR_PATH")
+    p.add_argument("--model", required=True, help="timm:NAME | open_clip:ARCH[:TAG] | hf:REPO_OR_PATH | synth:KIND")
     p.add_argument("--no-pretrained", action="store_true", help="random weights (offline; for trying things out)")
     p.add_argument("--checkpoint", type=Path, help="load weights from a local .safetensors / torch file")
     d = p.add_argument_group("direction (one of)")
@@ -68,6 +70,10 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     o.add_argument("--alpha", type=float, default=0.5, help="weight of the colour map over the image (default 0.5)")
     o.add_argument("--vmax", type=float, help="value drawn at full colour (default: max |h| of each image's map)")
     o.add_argument("--normalize", action="store_true", help="divide by ||z|| (with unit texts: cosine contributions)")
+    o.add_argument("--max-side", type=int, default=MAX_SIDE, metavar="PX",
+                   help=f"longest side of the written overlays in pixels: larger images are shrunk before drawing "
+                   f"(bounds memory and file size; the map's geometry is unchanged); 0: the original size "
+                   f"(default {MAX_SIDE})"),
     p.add_argument("--start-layer", type=int, default=None,
                    help="first decomposed block; earlier ones form one 'rest' row (default 0; for Swin the first "
                    "block of the last stage, the only stage whose heads split over one token grid)")
@@ -81,9 +87,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data.images import find_images, load_image
+    from ..data.images import find_images, load_image, record_skip
     from ..errors import InputError, UnsupportedModelError
-    from ..heatmap import crop_box, default_start_layer, render_original, render_panel, token_heatmap
+    from ..heatmap import crop_box, default_start_layer, fit_overlay, render_original, render_panel, token_heatmap
     from ..loading import load
     from ..provenance import run_record, write_json
 
@@ -105,16 +111,26 @@ def run(args: argparse.Namespace) -> int:
     used_stems: set[str] = set()
     batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
     for batch_paths in _progress(batches, len(paths)):
-        loaded: list[tuple[Path, Any, torch.Tensor]] = []
+        loaded: list[tuple[Path, Any, Any, Any, torch.Tensor]] = []  # path, shrunk image, its box, box, input
         for path in batch_paths:
             try:
                 image = load_image(path)
-                loaded.append((path, image, model.transform(image)))
             except InputError as exc:
-                skipped[str(path)] = str(exc)
+                record_skip(skipped, path, exc)
+                continue
+            box = crop_box(model, image.size)
+            tensor = model.transform(image)
+            if (box.input_height, box.input_width) != tuple(tensor.shape[-2:]):
+                raise UnsupportedModelError(
+                    f"{model.name}: cannot map the model input back onto the image: its preprocessing gives "
+                    f"{tuple(tensor.shape[-2:])} but its resize/crop steps give {(box.input_height, box.input_width)}")
+            # only the (shrunk) copy to draw on is kept: memory stays bounded for a large original
+            small, small_box = fit_overlay(image, box, args.max_side or None)
+            del image
+            loaded.append((path, small, small_box, box, tensor))
         if not loaded:
             continue
-        pixels = torch.stack([t for _, _, t in loaded]).to(device=model.device, dtype=model.dtype)
+        pixels = torch.stack([t for *_, t in loaded]).to(device=model.device, dtype=model.dtype)
         tokens, heads = _stacks(model, pixels, direction, args, dtype)
         if tokens.tokens is None or tokens.tokens.grid is None:
             raise UnsupportedModelError(
@@ -127,22 +143,19 @@ def run(args: argparse.Namespace) -> int:
         weights = torch.tensor([1.0, -1.0] if contrast is not None else [1.0], dtype=torch.float64)
         expected = heads.take(chosen).values.to(torch.float64).sum(0).cpu() @ weights  # [batch]
         model_total = heads.reference.to(torch.float64).cpu() @ weights
-        for b, (path, image, tensor) in enumerate(loaded):
-            box = crop_box(model, image.size)
-            if (box.input_height, box.input_width) != tuple(tensor.shape[-2:]):
-                raise UnsupportedModelError(
-                    f"{model.name}: cannot map the model input back onto the image: its preprocessing gives "
-                    f"{tuple(tensor.shape[-2:])} but its resize/crop steps give {(box.input_height, box.input_width)}")
+        for b, (path, small, small_box, box, _) in enumerate(loaded):
             patch = heat.patch[b].to(torch.float64).cpu()
             prefix = {name: float(v[b]) for name, v in heat.prefix.items()}
             vmax = float(args.vmax) if args.vmax is not None else float(patch.abs().max())
             stem = _unique_stem(path.stem, used_stems)
-            overlay = render_original(image, patch, box, args.out / f"{stem}.png", alpha=args.alpha, vmax=vmax)
+            overlay = render_original(small, patch, small_box, args.out / f"{stem}.png", alpha=args.alpha, vmax=vmax)
             which = "all components" if len(chosen) == tokens.n_components else f"{len(chosen)} components"
             render_panel(overlay, vmax=vmax, prefix=prefix, title=f"{direction['caption']} · {which} · {path.name}",
                          path=args.out / f"{stem}_panel.png")
-            images.append(_image_record(path, stem, image.size, box, patch, prefix, vmax, float(expected[b]),
-                                        float(model_total[b]), direction))
+            record = _image_record(path, stem, (box.image_width, box.image_height), box, patch, prefix, vmax,
+                                   float(expected[b]), float(model_total[b]), direction)
+            record["overlay_size"] = list(small.size)
+            images.append(record)
     if not images:
         raise InputError(f"none of the {len(paths)} images could be read: {skipped}")
     assert chosen is not None
@@ -210,6 +223,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.vmax is not None and not args.vmax > 0:
         raise InputError(f"--vmax must be positive, got {args.vmax}")
+    if args.max_side < 0:
+        raise InputError(f"--max-side must be a number of pixels (0: the original size), got {args.max_side}")
 
 
 # ----------------------------------------------------------------------------- direction
@@ -251,10 +266,10 @@ def _direction(args: argparse.Namespace, model: Model) -> dict[str, Any]:
         return {"kind": "text", "text": args.text, "contrast": args.contrast, "templates": args.templates,
                 "rows": embeddings, "columns": None, "k": len(texts), "caption": caption, "space": "model"}
 
-    from ..loading import load
+    from ._common import load_alignment_clip
 
     align, clip_spec, align_file = _load_alignment(args, model)
-    clip = load(clip_spec, device=args.device)
+    clip = load_alignment_clip(align, args.clip, device=args.device)  # the recorded CLIP, offline-first
     embeddings = embed_templates(text_encoder(clip), texts, args.templates)
     rows, columns = aligned_directions(align, embeddings)
     return {"kind": "text", "text": args.text, "contrast": args.contrast, "templates": args.templates,

@@ -10,8 +10,11 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ._common import add_model_arguments
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "with the run record.",
     )
     p.add_argument("store", type=Path, help="a store written by `vitdecomp decompose ... --out STORE`")
-    p.add_argument("--model", help="model spec of the text tower (default: the store's own model name; with --align "
-                   "the CLIP the maps were fitted to)")
+    add_model_arguments(p, help_model="model spec of the text tower (default: the store's own model, rebuilt from "
+                        "its record; with --align the CLIP the maps were fitted to)")
     p.add_argument("--align", type=Path, metavar="DIR",
                    help="map the components into a CLIP space with the CompAlign maps of `vitdecomp align --out DIR` "
                    "(DIR or its compalign.safetensors) before TextSpan")
@@ -40,7 +43,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--m", type=int, default=5, help="texts per head (default 5)")
     p.add_argument("--rank", type=int, default=80, help="rank of the span projection (default 80)")
     p.add_argument("--dedupe", action="store_true", help="a text labels at most one head")
-    p.add_argument("--layers", type=int, help="only heads of the last N layers")
+    p.add_argument("--layers", type=int, help="only heads of the last N layers (blocks; for Swin and MaxViT the "
+                   "last N blocks counted across stages)")
     e = p.add_argument_group("evaluation (METHOD §5): zero-shot accuracy with each head replaced by its "
                              "reconstruction from its first m texts")
     e.add_argument("--evaluate", action="store_true",
@@ -62,8 +66,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from ..loading import load
     from ..provenance import jsonable, run_record, write_json
+    from ._common import load_alignment_clip, load_store_model, pretrained_choice
     from ..store import ComponentStore
     from ..text import text_encoder
     from ..text.pools import load_pool
@@ -83,29 +87,17 @@ def run(args: argparse.Namespace) -> int:
                          "finish it with the same `vitdecomp decompose` command first")
     align = _load_align(args.align, store) if args.align is not None else None
     if align is None:
-        spec = args.model or store.config.model
+        model = load_store_model(store, args.model, args.checkpoint, pretrained=pretrained_choice(args))
     else:
-        spec = args.model or align.meta.get("clip_model")
-        if not spec:
-            raise InputError(f"{args.align} does not record its CLIP model: give --model")
-    model = load(spec)
-    if align is None and (model.name != store.config.model or model.weights != store.config.weights):
-        raise InputError(f"--model {spec} ({model.name}, {model.weights}) is not the store's model "
-                         f"({store.config.model}, {store.config.weights})")
-    if align is not None and align.meta.get("clip_weights") not in (None, model.weights):
-        log.warning("the maps were fitted to %s (%s); the texts come from %s (%s)", align.meta.get("clip_model"),
-                    align.meta.get("clip_weights"), model.name, model.weights)
+        model = load_alignment_clip(align, args.model, checkpoint=args.checkpoint, pretrained=pretrained_choice(args))
     pool = load_pool(args.pool)
     embeddings = text_encoder(model).encode(pool.texts).double().numpy()
     width = store.comp_shape[-1] if align is None else align.d_clip
     if embeddings.shape[1] != width:
         where = "store width" if align is None else f"CLIP width of the maps in {args.align}"
-        raise InputError(f"text width {embeddings.shape[1]} of {spec} != {where} {width}")
+        raise InputError(f"text width {embeddings.shape[1]} of {model.name} != {where} {width}")
     labels = list(store.labels)
-    heads = [i for i, name in enumerate(labels) if ".H" in name]
-    if args.layers is not None:
-        last = sorted({int(labels[i][1:3]) for i in heads})[-args.layers:]
-        heads = [i for i in heads if int(labels[i][1:3]) in last]
+    heads = last_layer_heads(labels, args.layers)
     if align is not None:
         moments, all_means = _aligned_pass(store, align, heads)
         span_labels, order = [labels[i] for i in heads], None
@@ -139,6 +131,37 @@ def run(args: argparse.Namespace) -> int:
             text += "\n\n" + format_evaluation(evaluation)
         sys.stdout.write(text + "\n")
     return 0
+
+
+def last_layer_heads(labels: Sequence[str], layers: int | None = None) -> list[int]:
+    """Rows of ``labels`` that are attention heads, only those of the last ``layers`` blocks when given.
+
+    Blocks are ordered by their place in the network: ``L07`` by its layer, hierarchical labels
+    (Swin, MaxViT: ``S2.B05.H03``) by (stage, block within the stage), which is the order of their
+    global layer index (stored labels keep only the string form, so the global index itself is
+    not available here).
+
+    Raises:
+        InputError: ``layers`` below 1.
+    """
+    from ..errors import InputError
+    from ..labels import parse_label
+
+    if layers is not None and layers < 1:
+        raise InputError(f"--layers must be at least 1, got {layers}")
+    parsed = [parse_label(name) for name in labels]
+    heads = [i for i, lab in enumerate(parsed) if lab.kind == "head"]
+    if layers is None:
+        return heads
+
+    def block(i: int) -> tuple[int, int]:
+        lab = parsed[i]
+        if lab.stage is not None and lab.block is not None:
+            return (lab.stage, lab.block)
+        return (-1, int(lab.layer if lab.layer is not None else -1))
+
+    last = set(sorted({block(i) for i in heads})[-layers:])
+    return [i for i in heads if block(i) in last]
 
 
 def _parse_m_values(text: str) -> list[int]:

@@ -9,6 +9,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from ._common import add_model_arguments
+
 log = logging.getLogger(__name__)
 
 _EPILOG = """\
@@ -17,6 +19,7 @@ examples:
       --images data/train --out out/red
   vitdecomp retrieve clip.zarr --image train/red/000012.png --feature colour --features synth --out out/q12
   vitdecomp retrieve clip.zarr --image train/red/000012.png --components L03.H00,L02.H01
+  vitdecomp retrieve clip.zarr --image /data/train/red/000012.png --components L03.H00  # a path works too
   vitdecomp retrieve vit.zarr --align out/align --text "a red object" --scores out/score/score.json \
       --feature colour    # a non-CLIP store, through its fitted CompAlign (text tower: the aligned CLIP)
 """
@@ -45,7 +48,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("store", type=Path, help="a store written by `vitdecomp decompose ... --out STORE`")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text", action="append", metavar="TEXT", help="a text query (repeatable)")
-    q.add_argument("--image", action="append", metavar="ID", help="a stored item id or row number (repeatable)")
+    q.add_argument("--image", action="append", metavar="ID|PATH",
+                   help="a stored item id, a row number, or an image file of the dataset (absolute, or relative to "
+                   "the current folder, --images or the dataset root the store records) (repeatable)")
     g = p.add_argument_group("component group")
     w = g.add_mutually_exclusive_group()
     w.add_argument("--feature", help="the feature whose top components form the group (a name of --features)")
@@ -60,8 +65,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     g.add_argument("--by", choices=("score", "selectivity"),
                    help="rank components by score or selectivity (default: score for --text, selectivity for --image)")
     g.add_argument("--no-full", action="store_true", help="leave out the full-representation comparison")
-    p.add_argument("--model", help="model spec of the text tower (default: the store's own model name; with --align "
-                   "the CLIP recorded in the maps)")
+    add_model_arguments(p, help_model="model spec of the text tower (default: the store's own model, rebuilt from its "
+                        "record; with --align the CLIP recorded in the maps)")
     p.add_argument("--align", type=Path, metavar="DIR",
                    help="a CompAlign (`vitdecomp align --out DIR`, or its .safetensors): search in its CLIP space")
     p.add_argument("--templates", default="plain", help="template set for texts (plain, synth, photo; default plain)")
@@ -162,16 +167,66 @@ def _groups(args: argparse.Namespace, store: Any, encoder: Any, by: str) -> tupl
     return groups, info
 
 
-def _item(gi: Any, arg: str) -> int:
-    """Index position of an --image argument: an id, else a store row number."""
+def _item(gi: Any, arg: str, roots: list[tuple[str, Path]] | None = None) -> int:
+    """Index position of an --image argument: an item id, a store row number, or an image path.
+
+    A path is turned into item ids (its path relative to each dataset root, POSIX style): an
+    absolute path (or one relative to the current folder) under a root, or a path relative to a
+    root. ``roots`` are ``(what, folder)`` pairs (--images, the root recorded in the store).
+
+    Raises:
+        InputError: one line listing everything tried.
+    """
+    import os
+
     from ..errors import InputError
 
+    tried: list[str] = [f"item id {arg!r}"]
     try:
         return int(gi.position(arg))
     except InputError:
-        if arg.isdigit():
+        pass
+    if arg.isdigit():
+        tried.append(f"row {arg}")
+        try:
             return int(gi.position(int(arg)))
-        raise
+        except InputError:
+            pass
+    path = Path(arg).expanduser()
+    here = Path(os.path.abspath(path))
+    for what, root in roots or []:
+        candidates = []
+        for base in dict.fromkeys((os.path.abspath(root), os.path.realpath(root))):
+            for full in dict.fromkeys((str(here), os.path.realpath(here))):
+                rel = os.path.relpath(full, base)
+                if not rel.startswith(".."):
+                    candidates.append(Path(rel).as_posix())
+        if not path.is_absolute():
+            candidates.append(path.as_posix())
+        for item_id in dict.fromkeys(candidates):
+            if item_id in (arg, "."):
+                continue
+            tried.append(f"item id {item_id!r} ({root / item_id} under {what})")
+            try:
+                return int(gi.position(item_id))
+            except InputError:
+                pass
+    hint = "" if roots else "; pass --images DATASET_ROOT to look image paths up"
+    extra = "" if roots or not here.is_file() else f" ({here} exists but the store records no dataset root)"
+    raise InputError(f"--image {arg}: no stored item{extra}; tried {', '.join(tried)}{hint}")
+
+
+def _image_roots(args: argparse.Namespace, store: Any) -> list[tuple[str, Path]]:
+    """Dataset roots an --image path may be relative to: --images, then the root the store records."""
+    from ..dataset_run import dataset_root
+
+    roots: list[tuple[str, Path]] = []
+    if args.images is not None:
+        roots.append(("--images", Path(args.images)))
+    recorded = dataset_root(store)
+    if recorded is not None and all(recorded != r for _, r in roots):
+        roots.append(("the store's dataset root", recorded))
+    return roots
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,9 +257,9 @@ def run(args: argparse.Namespace) -> int:
     if needs_text and align is not None:
         encoder = _aligned_text_tower(args, align, align_rec)
     elif needs_text:
-        from ._common import load_store_model, text_tower
+        from ._common import load_store_model, pretrained_choice, text_tower
 
-        encoder = text_tower(load_store_model(store, args.model),
+        encoder = text_tower(load_store_model(store, args.model, args.checkpoint, pretrained=pretrained_choice(args)),
                              hint="text queries need a CLIP store (or --align DIR with the maps of `vitdecomp "
                              "align`); for image queries pass --components, or --scores from `vitdecomp score --align`")
     groups, feature_info = _groups(args, store, encoder, by)
@@ -222,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
         queries = list(args.text)
     else:
         first = index[groups[0]]
-        queries = [first.ids[_item(first, a)] for a in args.image]
+        roots = _image_roots(args, store)
+        queries = [first.ids[_item(first, a, roots)] for a in args.image]
         for g in groups:
             hits_by_group[g.key] = by_image(index[g], queries, args.k)
     for qi, query in enumerate(queries):
@@ -263,18 +319,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _aligned_text_tower(args: argparse.Namespace, align: Any, record: dict[str, Any]) -> Any:
     """The text encoder of the CLIP the maps lead into (``--model``, else the one the maps record)."""
-    from ..errors import InputError
-    from ..loading import load
-    from ._common import text_tower
+    from ._common import load_alignment_clip, pretrained_choice, text_tower
 
-    spec = args.model or record.get("clip_model")
-    if not isinstance(spec, str):
-        raise InputError(f"{record['file'] or 'the alignment'} does not record which CLIP its maps lead into: "
-                         "pass --model CLIP_SPEC (the text tower)")
-    weights = align.meta.get("clip_weights")
-    encoder = text_tower(load(spec, pretrained=weights != "random-init"),
-                         hint="with --align, --model must be the CLIP the maps lead into")
-    return encoder
+    model = load_alignment_clip(align, args.model, checkpoint=args.checkpoint, pretrained=pretrained_choice(args))
+    return text_tower(model, hint="with --align, --model must be the CLIP the maps lead into")
 
 
 def _format(results: list[dict[str, Any]], groups: list[Any], index_info: dict[str, Any]) -> str:

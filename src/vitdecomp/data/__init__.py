@@ -15,7 +15,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "images": ("IMAGE_SUFFIXES", "MIN_SIDE", "find_images", "load_image", "ImageBatch", "iter_image_batches"),
+    "images": ("IMAGE_SUFFIXES", "MIN_SIDE", "MAX_PIXELS", "UnusableImageError", "find_images", "load_image",
+               "check_image_size", "skip_reason", "record_skip", "ImageBatch", "iter_image_batches"),
     "datasets": ("ImageSource", "ImageSourceBase", "ImageFolder", "ImageNetVal", "Waterbirds",
                  "ImageNetSegmentation", "DatasetBatch", "load_batch", "iter_batches", "chunk_rows",
                  "open_dataset", "KINDS"),

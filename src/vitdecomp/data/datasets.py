@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..errors import InputError
-from .images import IMAGE_SUFFIXES, MIN_SIDE, load_image
+from .images import IMAGE_SUFFIXES, check_image_size, load_image, record_skip, skip_reason
 
 if TYPE_CHECKING:
     import numpy as np
@@ -110,7 +110,11 @@ class ImageSourceBase:
         return self._files[self._check(index)]
 
     def load(self, index: int) -> Image.Image:
-        """Item ``index`` as a decoded RGB image. Raises InputError (unreadable, corrupt, < MIN_SIDE px)."""
+        """Item ``index`` as a decoded RGB image (:func:`~vitdecomp.data.images.load_image`'s skip rules).
+
+        Raises:
+            UnusableImageError: unreadable, corrupt, too small or too large (an InputError).
+        """
         return load_image(self.path(index))
 
     def _item_sizes(self) -> list[int] | None:
@@ -481,10 +485,8 @@ class ImageNetSegmentation(ImageSourceBase):
             raise InputError(f"{self.id(index)}: unexpected image array in {self.root}")
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]
-        image = Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8, copy=False))).convert("RGB")
-        if min(image.size) < MIN_SIDE:
-            raise InputError(f"{self.id(index)}: image is {image.size[0]}x{image.size[1]}, smaller than {MIN_SIDE} px")
-        return image
+        check_image_size((arr.shape[1], arr.shape[0]), self.id(index))  # the same size rules as image files
+        return Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8, copy=False))).convert("RGB")
 
     def mask(self, index: int) -> np.ndarray:
         """Ground-truth foreground mask of item ``index``: uint8 ``[H, W]`` (stored ``[W, H]``, transposed)."""
@@ -551,19 +553,19 @@ def load_batch(source: ImageSource, rows: range, transform: Callable[[Image.Imag
         try:
             image = source.load(row)
         except Exception as exc:  # noqa: BLE001 - any unreadable item is skipped, not fatal
-            reason = str(exc) if isinstance(exc, InputError) else f"cannot load: {type(exc).__name__}: {exc}"
-        else:
-            try:
-                tensor = torch.as_tensor(transform(image))
-                if tensors and tensor.shape != tensors[0].shape:
-                    raise ValueError(f"shape {tuple(tensor.shape)} differs from {tuple(tensors[0].shape)}")
-                tensors.append(tensor)
-                valid.append(True)
-                continue
-            except Exception as exc:  # noqa: BLE001 - a transform failing on one image skips it
-                reason = f"{item_id}: transform failed: {type(exc).__name__}: {exc}"
-        log.warning("skipping %s", reason)
-        skipped[item_id] = reason
+            record_skip(skipped, item_id, exc if isinstance(exc, InputError) else InputError(
+                f"cannot load: {skip_reason(exc)}"))
+            valid.append(False)
+            continue
+        try:
+            tensor = torch.as_tensor(transform(image))
+            if tensors and tensor.shape != tensors[0].shape:
+                raise ValueError(f"shape {tuple(tensor.shape)} differs from {tuple(tensors[0].shape)}")
+            tensors.append(tensor)
+            valid.append(True)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a transform failing on one image skips it
+            record_skip(skipped, item_id, InputError(f"transform failed: {type(exc).__name__}: {exc}"))
         valid.append(False)
     return DatasetBatch(rows, ids, torch.tensor(valid, dtype=torch.bool),
                         torch.stack(tensors) if tensors else None, labels, skipped)
