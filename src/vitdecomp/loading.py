@@ -5,10 +5,13 @@ objects) and the loader (which dispatches to the adapters) do not import each ot
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .errors import InputError
 from .model import Model
+
+log = logging.getLogger(__name__)
 
 __all__ = ["load", "load_recorded", "SPEC_PREFIXES", "RANDOM_INIT"]
 
@@ -123,6 +126,7 @@ def load_recorded(
     device: str | None = None,
     weights_digest: str | None = None,
     what: str = "the record",
+    strict: bool = True,
 ) -> Model:
     """Rebuild the model a record names (a store's config, an alignment's metadata), offline-first.
 
@@ -140,6 +144,9 @@ def load_recorded(
             A choice that contradicts the record is refused.
         weights_digest: the recorded content digest of random weights, checked when given.
         what: how to name the record in messages (e.g. ``"store wb.zarr"``).
+        strict: a rebuilt model whose weights identity differs from the record is an error
+            (stores: their key depends on it); False logs a warning instead (e.g. the CLIP an
+            alignment recorded under an older identity format).
 
     Raises:
         InputError: the rebuilt model is not the recorded one (name, weights or digest), or a
@@ -155,7 +162,9 @@ def load_recorded(
     if weights.startswith("checkpoint:") and checkpoint is None:
         raise InputError(f"{what} was made with a checkpoint ({weights}): pass the same --checkpoint FILE")
     model = load(spec, pretrained=not random_record, checkpoint=checkpoint, device=device)
-    if model.name != spec or model.weights != weights:
+    if model.name == spec and model.weights != weights and not strict:
+        log.warning("%s loads weights %s; %s recorded %s", spec, model.weights, what, weights)
+    elif model.name != spec or model.weights != weights:
         raise InputError(f"{spec} loads as ({model.name}, {model.weights}), which is not the model of {what} "
                          f"({spec}, {weights})")
     if weights_digest and random_record:

@@ -203,8 +203,8 @@ def weights_unavailable(spec: str, exc: BaseException) -> WeightsUnavailableErro
     where = "HF_HUB_OFFLINE is set" if hub_offline() else "no network or no cached copy"
     return WeightsUnavailableError(
         f"pretrained weights for {spec} are not available ({where}; {type(exc).__name__}: {detail}). "
-        "Fix: download them once with network (they are cached), pass --checkpoint FILE, or use "
-        "--no-pretrained for random weights."
+        "Fix: download them once with network (they are cached), pass --checkpoint FILE (checkpoint=FILE), "
+        "or use --no-pretrained (pretrained=False) for random weights."
     )
 
 

@@ -95,7 +95,7 @@ def load_alignment_clip(align: Any, spec: str | None, *, checkpoint: Path | None
         raise InputError("the alignment does not record its CLIP model: give --model")
     if (spec is None or spec == recorded) and weights:
         return load_recorded(recorded, weights, checkpoint=checkpoint, pretrained=pretrained, device=device,
-                             what="the alignment's CLIP")
+                             what="the alignment's CLIP", strict=False)
     spec = spec or recorded
     model = load(spec, pretrained=pretrained is not False, checkpoint=checkpoint, device=device)
     if weights not in (None, model.weights):
