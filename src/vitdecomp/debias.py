@@ -64,11 +64,15 @@ if TYPE_CHECKING:
     from .align import CompAlign
     from .store import ComponentStore
     from .text.encoders import TextEncoder
+    from .text.pools import TextPool
 
 __all__ = [
     "group_accuracy",
     "SPLITS",
     "WATERBIRDS_CLASS_NAMES",
+    "WATERBIRDS_TEXTS",
+    "DebiasTexts",
+    "dataset_texts",
     "WaterbirdsLabels",
     "ClassifierHead",
     "SplitLogits",
@@ -98,6 +102,9 @@ log = logging.getLogger(__name__)
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 #: Class names of Waterbirds' ``y`` (0, 1), for the zero-shot head.
 WATERBIRDS_CLASS_NAMES: tuple[str, str] = ("landbird", "waterbird")
+#: Default texts of a real Waterbirds root: class names, spurious and core pools, template set.
+WATERBIRDS_TEXTS: dict[str, Any] = {"class_names": WATERBIRDS_CLASS_NAMES, "spurious": "waterbirds/spurious",
+                                    "core": "waterbirds/core", "templates": "photo"}
 #: Label kinds that are constant over images (never candidates).
 _CONSTANT_KINDS = ("bias", "mlp_bias", "const")
 
@@ -148,6 +155,75 @@ class WaterbirdsLabels:
         rows = [self.items[i] for i in ids]
         return (np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
                 [r[2] for r in rows])
+
+
+@dataclass(frozen=True)
+class DebiasTexts:
+    """The texts of a run: the zero-shot class names, the spurious and core texts and the template set.
+
+    Attributes:
+        class_names: per class (y = 0, 1), its names (several are ensembled by :func:`zero_shot_classifier`).
+        spurious: the spurious-attribute texts (places) as a text pool.
+        core: the core-attribute texts (the class) as a text pool.
+        templates: template set name (or one template).
+        source: where the defaults came from: ``"waterbirds"`` (the shipped Waterbirds texts) or the path
+            of a generated dataset's ``task.json`` (its own class factor and background texts).
+    """
+
+    class_names: tuple[tuple[str, ...], ...]
+    spurious: TextPool
+    core: TextPool
+    templates: str
+    source: str
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able record of the texts: every text, the pools' manifests and the source."""
+        return {"source": self.source, "class_names": [list(c) for c in self.class_names],
+                "templates": self.templates,
+                "spurious": {**self.spurious.manifest(), "texts": list(self.spurious.texts)},
+                "core": {**self.core.manifest(), "texts": list(self.core.texts)}}
+
+
+def dataset_texts(root: str | Path) -> DebiasTexts:
+    """The default texts of the dataset at ``root``.
+
+    A dataset written by ``vitdecomp synth generate --spurious P`` (it has a ``task.json``, see
+    :func:`vitdecomp.synth.dataset.read_task`) gets its own world's texts: class ``y`` named by the
+    describe() phrases of its values of the class factor (e.g. ``"a red object"``, ...), the
+    describe() phrases of every background as spurious texts and of every value of the class factor
+    as core texts, template set ``"synth"``. Any other root (real Waterbirds) gets
+    :data:`WATERBIRDS_TEXTS`: ``landbird`` / ``waterbird`` and the shipped ``waterbirds/spurious`` /
+    ``waterbirds/core`` pools with the ``photo`` templates.
+
+    Raises:
+        InputError: a malformed ``task.json``.
+    """
+    from .synth.dataset import TASK_FILE, read_task
+    from .text.pools import TextPool, load_pool
+
+    base = Path(root)
+    task = read_task(base)
+    if task is None or not task.get("spurious_texts") or not task.get("core_texts"):
+        if task is not None:
+            log.warning("%s: a generated dataset without a spurious (background) task; using the Waterbirds texts",
+                        base)
+        d = WATERBIRDS_TEXTS
+        return DebiasTexts(tuple((str(c),) for c in d["class_names"]), load_pool(d["spurious"]), load_pool(d["core"]),
+                           str(d["templates"]), "waterbirds")
+    where = base / TASK_FILE if (base / TASK_FILE).is_file() else base / "summary.json"
+    class_names = tuple(tuple(str(t) for t in texts) for texts in task["class_texts"])
+    if len(class_names) != 2:
+        raise InputError(f"{where}: a Waterbirds-layout task needs 2 classes, got {len(class_names)}")
+
+    def pool(key: str, factor: str) -> TextPool:
+        texts = list(dict.fromkeys(str(t) for t in task[key]))
+        return TextPool(f"synth/{factor}", None, texts,
+                        f"describe() phrases of every {factor} value of the synthetic world", str(where))
+
+    log.info("%s: a generated dataset (class factor %s); default texts from %s", base, task.get("task"), where)
+    return DebiasTexts(class_names, pool("spurious_texts", str(task.get("spurious_factor") or "background")),
+                       pool("core_texts", str(task.get("core_factor") or task.get("task"))),
+                       str(task.get("templates") or "synth"), str(where))
 
 
 # ============================================================================ components

@@ -37,7 +37,8 @@ as ``vitdecomp heatmap`` does). Items that cannot be read (corrupt image, missin
 mask, mask of another size, non-binary mask) are skipped and recorded with their reason.
 
 Sources: :class:`~vitdecomp.data.datasets.ImageNetSegmentation` (``gtsegs_ijcv.mat``) or
-:class:`SegmentationPairs` (``images/NAME.ext`` + ``masks/NAME.png``).
+:class:`SegmentationPairs` (``images/NAME.ext`` + ``masks/NAME.png``, or a dataset written by
+``vitdecomp synth generate`` as it is, with its object masks).
 
 Example (offline, the shipped tiny CLIP)::
 
@@ -65,7 +66,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 
 from .data.datasets import ImageSourceBase
-from .data.images import IMAGE_SUFFIXES
+from .data.images import IMAGE_SUFFIXES, record_skip
 from .errors import InputError
 from .segmentation import SegmentationMetrics, resize_pair
 
@@ -124,23 +125,44 @@ class SegmentationSource(Protocol):
 
 
 class SegmentationPairs(ImageSourceBase):
-    """A folder of image/mask pairs: ``ROOT/images/NAME.<ext>`` with ``ROOT/masks/NAME.png``.
+    """A folder of image/mask pairs: ``ROOT/images/NAME.<ext>`` with ``ROOT/masks/NAME.png``,
+    or a dataset written by ``vitdecomp synth generate`` (read as it is).
 
     Items are the image files in sorted order (ids ``images/NAME.ext``). A mask is any image
     file with the same stem under ``masks/`` (PNG preferred); its foreground is every pixel
     whose grey value (``convert("L")``) is above 0. An image without a mask is still an item:
     reading its mask raises :class:`~vitdecomp.errors.InputError`, so a run skips and records
     it. Labels are None.
+
+    A generated dataset (``factors.csv`` and a ``vitdecomp-synth`` ``summary.json``, no
+    ``images/`` folder) is read from ``factors.csv``: items in its row order (ids = the image
+    files, ``{split}/{class}/{id}.png``), ``split`` keeps one split, the label is the row's
+    class index, and the foreground is the union of the image's object masks
+    ``masks/{id}_{k}.png`` (every object shares the class factor's value). Then
+    :attr:`task` is its task description (:func:`vitdecomp.synth.dataset.read_task`: class
+    texts and templates, the default classes of ``vitdecomp segment``) and :attr:`classes`
+    its class names; otherwise both are None.
     """
 
     name = "pairs"
+    task: dict[str, Any] | None = None
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, split: str | None = None) -> None:
         super().__init__()
         base = Path(root)
         images, masks = base / "images", base / "masks"
         if not base.is_dir():
             raise InputError(f"image/mask pairs: no such directory: {base}")
+        if not images.is_dir() and (base / "factors.csv").is_file():
+            from .synth.dataset import read_task
+
+            task = read_task(base)
+            if task is not None:
+                self._read_generated(base, task, split)
+                return
+        if split is not None:
+            raise InputError(f"image/mask pairs: split applies to a dataset written by `vitdecomp synth generate`, "
+                             f"and {base} is not one")
         for folder in (images, masks):
             if not folder.is_dir():
                 raise InputError(
@@ -166,27 +188,63 @@ class SegmentationPairs(ImageSourceBase):
         if lacking:
             log.warning("%s: %d image(s) have no mask; they will be skipped", base, lacking)
 
+    def _read_generated(self, base: Path, task: dict[str, Any], split: str | None) -> None:
+        """Items, labels and object masks of a ``vitdecomp synth generate`` dataset (see the class docstring)."""
+        from .synth.dataset import SPLITS, read_factors
+
+        if split is not None and split not in SPLITS:
+            raise InputError(f"{base}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        rows = [r for r in read_factors(base) if split is None or r["split"] == split]
+        if not rows:
+            raise InputError(f"{base}: no generated images{f' in split {split!r}' if split else ''}")
+        self.root, self.task, self.split = str(base), task, split
+        self.classes = [str(c) for c in task["classes"]]
+        self._files = [base / r["file"] for r in rows]
+        self._ids = [r["file"] for r in rows]
+        self._labels = [int(r["label"]) for r in rows]
+        self._meta = [{"split": r["split"], "class": r["class"]} for r in rows]
+        self._object_masks = [[base / m for m in r["masks"].split(";") if m] for r in rows]
+        self._masks = [paths[0] if paths else None for paths in self._object_masks]
+        log.info("%s: %d generated images%s with their object masks (task %s)", base, len(rows),
+                 f" of split {split}" if split else "", task.get("task"))
+
     def mask(self, index: int) -> np.ndarray:
         """Foreground of item ``index``: bool ``[H, W]`` (grey value > 0). Raises InputError."""
         from PIL import Image, UnidentifiedImageError
 
-        path = self._masks[self._check(index)]
-        if path is None:
+        paths = self._object_masks[self._check(index)] if self.task is not None else [self._masks[self._check(index)]]
+        if not paths or paths[0] is None:
             raise InputError(f"{self.id(index)}: no mask masks/{self._files[index].stem}.png")
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("L")) > 0
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise InputError(f"{self.id(index)}: cannot read mask {path.name}: {exc}") from exc
+        fg: np.ndarray | None = None
+        for path in paths:
+            try:
+                with Image.open(path) as im:
+                    one = np.asarray(im.convert("L")) > 0
+            except (OSError, UnidentifiedImageError, ValueError) as exc:
+                raise InputError(f"{self.id(index)}: cannot read mask {path.name}: {exc}") from exc
+            if fg is not None and one.shape != fg.shape:
+                raise InputError(f"{self.id(index)}: object masks of different sizes ({path.name})")
+            fg = one if fg is None else fg | one
+        assert fg is not None
+        return fg
 
     def fingerprint(self) -> dict[str, Any]:
-        """``{"kind", "n", "sha256"}``: sha256 over the ordered (id, image size, mask name, mask size) list."""
+        """``{"kind", "n", "sha256"}``: sha256 over the ordered (id, image size, mask name, mask size) list
+        (for a generated dataset every object mask, and ``"generated": True`` and the split)."""
         import hashlib
 
         digest = hashlib.sha256()
-        for path, item_id, mask in zip(self._files, self._ids, self._masks):
-            digest.update(f"{item_id}\t{_size(path)}\t{mask.name if mask else ''}\t{_size(mask)}\n".encode())
-        return {"kind": self.name, "n": len(self), "sha256": digest.hexdigest()}
+        generated = self.task is not None
+        for i, (path, item_id) in enumerate(zip(self._files, self._ids)):
+            masks = self._object_masks[i] if generated else [self._masks[i]]
+            names = ";".join(f"{m.name}:{_size(m)}" if m else ":-1" for m in masks)
+            line = f"{item_id}\t{_size(path)}\t{names}" if generated else (
+                f"{item_id}\t{_size(path)}\t{masks[0].name if masks[0] else ''}\t{_size(masks[0])}")
+            digest.update(f"{line}\n".encode())
+        out: dict[str, Any] = {"kind": self.name, "n": len(self), "sha256": digest.hexdigest()}
+        if generated:
+            out.update(generated=True, split=self.split)
+        return out
 
 
 def _size(path: Path | None) -> int:
@@ -526,9 +584,7 @@ def run_segmentation(
                 if target == "label" and item.label is None:
                     raise InputError(f"{item_id}: no class label (target='label')")
             except Exception as exc:  # noqa: BLE001 - an unreadable item is skipped, never fatal
-                reason = str(exc) if isinstance(exc, InputError) else f"{item_id}: {type(exc).__name__}: {exc}"
-                log.warning("skipping %s", reason)
-                skipped[item_id] = reason
+                record_skip(skipped, item_id, exc)  # the shared wording (vitdecomp.data.images)
                 bar.update(1)
                 continue
             finally:

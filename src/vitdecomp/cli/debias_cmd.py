@@ -5,6 +5,13 @@ contrastive text score (places − birds), the top ``k`` are mean-ablated with v
 worst-group / average-group accuracy is reported on the test split against ``k`` random
 components (several seeded draws) and the top ``k`` by variance.
 
+Texts: by default the Waterbirds ones (``landbird`` / ``waterbird``, the shipped
+``waterbirds/spurious`` and ``waterbirds/core`` pools, ``photo`` templates); a root written by
+``vitdecomp synth generate --spurious P`` brings its own in ``task.json`` (its class factor's
+describe() texts per class, its background texts; :func:`vitdecomp.debias.dataset_texts`).
+``--class-names``, ``--spurious``, ``--core`` and ``--templates`` override either; ``debias.json``
+records the texts used under ``"texts"``.
+
 Stores: ``--store-dir DIR`` makes (or resumes, or reuses) one store per split under
 ``DIR/{train,val,test}`` with :func:`vitdecomp.dataset_run.decompose_dataset`; ``--stores TRAIN VAL
 TEST`` reads existing ones (one store of all splits may be given three times). Writes
@@ -30,11 +37,15 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         description="Rank components on Waterbirds' val split by the contrastive text score (spurious place texts "
         "minus core bird texts), mean-ablate the top K with val means, and report worst-group and average-group "
         "accuracy on the test split, against K random components and the top K by variance. The classifier is the "
-        "CLIP zero-shot head over the class names or a logistic regression fitted on the train split.",
+        "CLIP zero-shot head over the class names or a logistic regression fitted on the train split. A dataset from "
+        "`vitdecomp synth generate --spurious P` supplies its own class names and texts (task.json).",
     )
     p.add_argument("root", type=Path, help="Waterbirds root: metadata.csv (img_id, img_filename, y, split, place, "
                    "place_filename) and the images")
-    p.add_argument("--model", help="model spec (timm:…, open_clip:…, hf:…); default with --stores: the stores' model")
+    p.add_argument("--model", help="model spec (timm:…, open_clip:…, hf:…, synth:…); default with --stores: the stores' "
+                   "model, rebuilt from their record")
+    p.add_argument("--no-pretrained", action="store_true", help="random weights (offline)")
+    p.add_argument("--checkpoint", type=Path, help="load weights from a local .safetensors / torch file")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--store-dir", type=Path, help="make, resume or reuse one store per split under DIR")
     src.add_argument("--stores", type=Path, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="existing stores")
@@ -44,12 +55,15 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--head", choices=("zero-shot", "linear", "model"), default="zero-shot",
                    help="zero-shot (CLIP text of --class-names), linear (logistic regression on train) or model "
                    "(the model's own 2-class classifier)")
-    p.add_argument("--class-names", nargs=2, default=["landbird", "waterbird"], metavar=("Y0", "Y1"),
+    p.add_argument("--class-names", nargs=2, default=None, metavar=("Y0", "Y1"),
                    help="zero-shot class names of y=0 and y=1; 'a|b' ensembles several names (default landbird "
-                   "waterbird)")
-    p.add_argument("--templates", default="photo", help="template set name or one '{}' template (default photo)")
-    p.add_argument("--spurious", default="waterbirds/spurious", help="pool name or text file of the spurious texts")
-    p.add_argument("--core", default="waterbirds/core", help="pool name or text file of the core texts")
+                   "waterbird; for a dataset from `vitdecomp synth generate --spurious` its task.json's class texts)")
+    p.add_argument("--templates", default=None, help="template set name or one '{}' template (default photo; "
+                   "synth for a generated dataset)")
+    p.add_argument("--spurious", default=None, help="pool name or text file of the spurious texts (default "
+                   "waterbirds/spurious; for a generated dataset the describe() texts of its backgrounds)")
+    p.add_argument("--core", default=None, help="pool name or text file of the core texts (default waterbirds/core; "
+                   "for a generated dataset the describe() texts of its class factor's values)")
     p.add_argument("--C", dest="c", type=float, default=1.0, help="inverse regularisation of the linear head")
     p.add_argument("--align", type=Path, help="CompAlign maps (non-CLIP model): scores read the mapped components")
     p.add_argument("--text-model", help="CLIP model spec whose text tower embeds the texts (with --align)")
@@ -104,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from ..report import Figure, Report, Section, Table
     from ..text.pools import load_pool
     from ..align import find_alignment
-    from ._common import open_complete_store, text_tower
+    from ._common import load_store_model, open_complete_store, pretrained_choice, text_tower
 
     if args.k < 1:
         raise InputError("--k must be at least 1")
@@ -113,16 +127,26 @@ def run(args: argparse.Namespace) -> int:
     if (args.align is None) != (args.text_model is None):
         raise InputError("--align and --text-model go together (a non-CLIP model read through CompAlign)")
     labels = db.WaterbirdsLabels.read(args.root)  # clear errors for a missing or malformed metadata.csv
-    spurious_pool, core_pool = load_pool(args.spurious), load_pool(args.core)
+    defaults = db.dataset_texts(args.root)  # a generated world's own texts (task.json), else the Waterbirds ones
+    spurious_pool = load_pool(args.spurious) if args.spurious is not None else defaults.spurious
+    core_pool = load_pool(args.core) if args.core is not None else defaults.core
+    templates = args.templates if args.templates is not None else defaults.templates
+    class_names = _class_names(args) if args.class_names is not None else [list(c) for c in defaults.class_names]
+    texts_used = {**db.DebiasTexts(tuple(tuple(c) for c in class_names), spurious_pool, core_pool, templates,
+                                   defaults.source).describe(),
+                  "from_arguments": [name for name in ("class_names", "spurious", "core", "templates")
+                                     if getattr(args, name) is not None]}
     opened = None
     if args.stores is not None:
         opened = [open_complete_store(path, role=f"{split} store") for split, path in zip(db.SPLITS, args.stores)]
         spec = args.model or opened[1].config.model
+        model = load_store_model(opened[1], args.model, args.checkpoint, pretrained=pretrained_choice(args),
+                                 device=args.device)
     elif args.model is None:
         raise InputError("--model is required with --store-dir")
     else:
         spec = args.model
-    model = load(spec, device=args.device)
+        model = load(spec, pretrained=not args.no_pretrained, checkpoint=args.checkpoint, device=args.device)
     stores = _stores(args, model, opened, need_train=args.head == "linear")
     for role, store in stores.items():
         if store.config.model != model.name or store.config.weights != model.weights:
@@ -138,11 +162,11 @@ def run(args: argparse.Namespace) -> int:
         encoder = text_tower(load(args.text_model, device=args.device), hint="--text-model must be a CLIP model")
     else:
         encoder = text_tower(model, hint="pass --align MAPS --text-model CLIP_SPEC (CompAlign into a CLIP space)")
-    spurious = db.embed_texts(encoder, spurious_pool.texts, args.templates)
-    core = db.embed_texts(encoder, core_pool.texts, args.templates)
+    spurious = db.embed_texts(encoder, spurious_pool.texts, templates)
+    core = db.embed_texts(encoder, core_pool.texts, templates)
 
     if args.head == "zero-shot":
-        head = db.zero_shot_classifier(encoder, _class_names(args), args.templates,
+        head = db.zero_shot_classifier(encoder, class_names, templates,
                                        space="aligned" if align is not None else "model")
     elif args.head == "linear":
         head = db.fit_linear_head(stores["train"], labels, c=args.c, seed=args.seed)
@@ -158,13 +182,16 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed, align=align, check=False)
 
     files = {"metadata": args.root / "metadata.csv"}
+    if defaults.source != "waterbirds":
+        files["task"] = Path(defaults.source)
     if args.align is not None:
         files["align"] = args.align
     payload = {
         "run": run_record("debias", args, stores={r: s for r, s in stores.items()},
                           pool={"spurious": spurious_pool.manifest(), "core": core_pool.manifest()}, files=files,
                           extra={"model": model.name, "weights": model.weights, "text_model": args.text_model,
-                                 "templates": args.templates}),
+                                 "templates": templates}),
+        "texts": texts_used,
         **result.to_json(),
     }
     table = result.format_table()
@@ -194,8 +221,9 @@ def run(args: argparse.Namespace) -> int:
             ]),
         ],
         meta={"model": model.name, "weights": model.weights, "n": json.dumps(result.n),
+              "class names": " vs ".join("|".join(c) for c in class_names), "templates": str(templates),
               "spurious texts": f"{spurious_pool.name} ({spurious_pool.sha256[:12]})",
-              "core texts": f"{core_pool.name} ({core_pool.sha256[:12]})"},
+              "core texts": f"{core_pool.name} ({core_pool.sha256[:12]})", "default texts from": defaults.source},
     )
     report.write(args.out / "report.html")
     if args.json:
@@ -203,6 +231,11 @@ def run(args: argparse.Namespace) -> int:
 
         sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n")
     else:
+        origin = "the Waterbirds defaults" if defaults.source == "waterbirds" else defaults.source
+        overridden = f" (overridden: {', '.join(texts_used['from_arguments'])})" if texts_used["from_arguments"] else ""
+        sys.stdout.write(f"texts: {' vs '.join('|'.join(c) for c in class_names)}; spurious {spurious_pool.name} "
+                         f"({len(spurious_pool)}), core {core_pool.name} ({len(core_pool)}), templates {templates}; "
+                         f"defaults from {origin}{overridden}\n")
         sys.stdout.write(f"{model.name}, {head.kind} head, k = {args.k}; selected on val ({result.n['val']} items): "
                          f"{', '.join(result.selected)}\n\n{table}\n\nwrote {args.out}/debias.json, debias.md, "
                          "debias.svg, report.html\n")

@@ -29,15 +29,20 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--mat", type=Path, help="ImageNet-Segmentation gtsegs_ijcv.mat (MATLAB v7.3)")
-    src.add_argument("--pairs", type=Path, help="a folder with images/NAME.jpg and masks/NAME.png")
+    src.add_argument("--pairs", type=Path, help="a folder with images/NAME.jpg and masks/NAME.png, or a dataset "
+                     "written by `vitdecomp synth generate` as it is (foreground = its object masks)")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="with --pairs on a generated dataset: score only this split (default: every image)")
     p.add_argument("--model", required=True,
                    help="timm:NAME | open_clip:ARCH[:TAG] | hf:REPO_OR_DIR (see `vitdecomp models`)")
     p.add_argument(
         "--classes",
         help="class names: a shipped pool name or a text file, one name per line (required for CLIP unless an "
-        "ImageNet class pool is shipped; for a classifier only used to name its classes)",
+        "ImageNet class pool is shipped, or --pairs is a generated dataset: then its own class texts from task.json; "
+        "for a classifier only used to name its classes)",
     )
-    p.add_argument("--templates", default="photo", help="prompt template set for --classes (default photo)")
+    p.add_argument("--templates", default=None,
+                   help="prompt template set for --classes (default photo; a generated dataset's own classes: synth)")
     p.add_argument("--head", choices=("auto", "classifier", "text"), default="auto",
                    help="target logits: the model's classifier, or CLIP text (default: classifier if it has one)")
     p.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=list(METHOD_CHOICES))
@@ -83,18 +88,22 @@ def run(args: argparse.Namespace) -> int:
     if args.examples < 0:
         raise InputError("--examples must be >= 0")
     if args.mat is not None:
+        if args.split is not None:
+            raise InputError("--split applies to --pairs on a dataset written by `vitdecomp synth generate`")
         from ..data.datasets import ImageNetSegmentation
 
         source: Any = ImageNetSegmentation(args.mat)
     else:
-        source = SegmentationPairs(args.pairs)
+        source = SegmentationPairs(args.pairs, split=args.split)
     model = vd.load(args.model, pretrained=not args.no_pretrained, checkpoint=args.checkpoint, device=args.device)
 
     pool = None
     classes_arg = args.classes
     has_classifier = model.classifier() is not None
     use_text = args.head == "text" or (args.head == "auto" and not has_classifier)
-    if use_text and classes_arg is None:
+    world = getattr(source, "task", None) if classes_arg is None else None  # a generated dataset's own classes
+    templates = args.templates or (world["templates"] if use_text and world is not None else "photo")
+    if use_text and classes_arg is None and world is None:
         classes_arg = _default_classes()
         if classes_arg is None:
             raise InputError(
@@ -106,11 +115,13 @@ def run(args: argparse.Namespace) -> int:
 
         pool = load_pool(classes_arg)
     names = list(pool.texts) if pool is not None else None
-    if use_text:
+    if use_text and world is not None:
+        head, names = _world_text_head(model, world, templates)
+    elif use_text:
         from ..text import text_encoder, zero_shot_head
 
         assert names is not None
-        head = text_head(model, zero_shot_head(text_encoder(model), names, args.templates), names=names)
+        head = text_head(model, zero_shot_head(text_encoder(model), names, templates), names=names)
     else:
         if not has_classifier:
             raise InputError(f"--head classifier: {model.name} has no linear classifier head")
@@ -134,7 +145,12 @@ def run(args: argparse.Namespace) -> int:
         if classes_arg is not None and Path(classes_arg).is_file():
             files["classes"] = Path(classes_arg)
         extra = {"dataset": source.fingerprint(), "model": model.describe(), "head": "text" if use_text else "classifier",
-                 "templates": args.templates if use_text else None}
+                 "templates": templates if use_text else None}
+        if use_text and world is not None:  # the generated dataset's own class texts (task.json, or its summary)
+            task_file = next(f for f in (Path(source.root) / "task.json", Path(source.root) / "summary.json")
+                             if f.is_file())
+            files["task"] = task_file
+            extra["classes"] = {"source": str(task_file), "names": names, "texts": world["class_texts"]}
         payload = {"run": run_record("segment", args, pool=pool.manifest() if pool is not None else None,
                                      files=files or None, extra=extra),
                    **result.to_json()}
@@ -143,6 +159,24 @@ def run(args: argparse.Namespace) -> int:
         path = write_json(args.out / "results.json", payload)
         sys.stdout.write(f"wrote {path}" + (f" and {len(figures)} figure(s)" if figures else "") + "\n")
     return 0
+
+
+def _world_text_head(model: Any, world: dict[str, Any], templates: str) -> tuple[Any, list[str]]:
+    """The CLIP text head over a generated dataset's classes: per class, the renormalised mean of its
+    template-ensembled ``class_texts`` (one text per class in the plain variant), so the head's class
+    index is the dataset's label."""
+    import torch
+
+    from ..relevance import text_head
+    from ..text import text_encoder, zero_shot_head
+
+    encoder = text_encoder(model)
+    rows = []
+    for texts in world["class_texts"]:
+        mean = zero_shot_head(encoder, list(texts), templates).mean(dim=0)
+        rows.append(mean / mean.norm().clamp_min(1e-12))
+    names = ["/".join(texts) for texts in world["class_texts"]]
+    return text_head(model, torch.stack(rows), names=names), names
 
 
 def _figures(result: Any, folder: Path) -> list[Path]:

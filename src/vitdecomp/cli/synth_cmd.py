@@ -23,15 +23,20 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="write a dataset (ImageFolder splits, factors.csv, masks; Waterbirds layout with --spurious)",
         description="Write N generated images under OUT: {split}/{class}/{id}.png, masks/, factors.csv, "
-        "summary.json; with --spurious P also a Waterbirds-format metadata.csv (class correlated with "
-        "water/land backgrounds with probability P in train, balanced in val/test). The same arguments "
-        "give byte-identical files. Decompose it with `vitdecomp decompose MODEL OUT/test --out STORE` "
-        "(or OUT itself for the --spurious variant).",
+        "summary.json and task.json (the class factor and its texts); with --spurious P also a Waterbirds-format "
+        "metadata.csv (class = a group of values of the class factor, correlated with water/land backgrounds with "
+        "probability P in train, balanced in val/test). The same arguments give byte-identical files. Decompose it "
+        "with `vitdecomp decompose MODEL OUT/test --out STORE` (or OUT itself for the --spurious variant); "
+        "`vitdecomp segment --pairs OUT [--split test]` scores segmentation against its masks and `vitdecomp debias "
+        "OUT` (--spurious variant) uses its class and background texts by default.",
     )
     g.add_argument("out", type=Path, help="output folder")
     g.add_argument("--n", type=int, default=1000, help="images over all splits (default 1000)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--task", default="shape", help="the factor that is the class (default shape)")
+    g.add_argument("--task", "--class-factor", dest="task", default="shape",
+                   help="the factor that is the class: shape, colour, pattern, size, position or background "
+                   "(default shape; with --spurious not background). The shipped tiny CLIP reads colour, size and "
+                   "background zero-shot, pattern partly, shape and position at chance")
     g.add_argument("--spurious", type=float, help="Waterbirds analogue: P(background matches class) in train")
     g.add_argument("--size", type=int, default=64, help="image side in px (default 64)")
     g.add_argument("--objects", type=int, choices=(1, 2), default=1, help="objects per image")
@@ -101,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         splits = ", ".join(f"{name} {info['n']}" for name, info in summary["splits"].items()) if "splits" in summary else ""
         sys.stdout.write(f"wrote {args.n} images to {args.out} ({summary.get('kind', 'folder')}; {splits})\n")
-        sys.stdout.write(f"classes: {', '.join(map(str, summary.get('classes', [])))}\n")
+        values = summary.get("class_values") or {}
+        sys.stdout.write(f"classes ({summary.get('task')}): " + ", ".join(
+            str(c) + (f" ({'/'.join(values[c])})" if list(values.get(c, [c])) != [c] else "")
+            for c in summary.get("classes", [])) + "\n")
     return 0
 
 

@@ -8,7 +8,8 @@
   :func:`sample_scene`.
 * :mod:`vitdecomp.synth.dataset`: :func:`generate_dataset` writes a split ImageFolder dataset with
   masks and ``factors.csv``, and for ``spurious=p`` also a Waterbirds ``metadata.csv`` (the
-  background-correlated variant); :func:`read_factors`, :func:`read_masks` read it back.
+  background-correlated variant) and ``task.json``; :func:`read_factors`, :func:`read_masks`,
+  :func:`read_task` read it back.
 
 Example::
 
@@ -34,7 +35,7 @@ _EXPORTS = {
                   "MAX_OBJECTS", "SceneObject", "Scene", "object_centre", "render", "render_array", "caption",
                   "partial_captions", "describe", "sample_scene"),
     "dataset": ("SPLITS", "SPURIOUS_CLASSES", "SPURIOUS_GROUPS", "PLACES", "generate_dataset", "read_factors",
-                "read_masks"),
+                "read_masks", "read_task", "task_description"),
     "tiny": ("build_tiny_clip", "build_tiny_vit", "save_tiny", "load_tiny"),
     "train": ("train_clip", "train_classifier", "evaluate_clip", "evaluate_classifier"),
 }

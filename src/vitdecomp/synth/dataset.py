@@ -9,10 +9,16 @@ Layout of ``out_dir`` written by :func:`generate_dataset`::
     factors.csv                 one row per image: id, file, split, class, label, every factor, caption
     metadata.csv                spurious variant only: Waterbirds columns, so out_dir is a Waterbirds root
     summary.json                arguments and counts per split / class / background (/ group)
+    task.json                   what the task is, in the world's own words (:func:`task_description`): the
+                                class factor, each class's values and their describe() texts, the core and
+                                spurious (background) texts and the template set; read by ``vitdecomp debias``
+                                (its default texts) and ``vitdecomp segment --pairs`` (its default classes)
 
 ``open_dataset(out_dir / "train")`` reads a split as an ImageFolder; for the spurious variant
 ``open_dataset(out_dir)`` reads everything as Waterbirds (``split=`` selects one), with
 ``y`` = class (0 ``landobject``, 1 ``waterobject``) and ``place`` = background (0 land, 1 water).
+``vitdecomp segment --pairs out_dir`` reads the images with the union of their object masks
+(:class:`vitdecomp.segment_run.SegmentationPairs`, ``split=`` selects one split).
 Ids are zero-padded global indices (train first, then val, then test). The same arguments give
 byte-identical files: every item is drawn from its own generator ``default_rng([seed, 0, index])``
 and PNGs are written without timestamps.
@@ -43,8 +49,8 @@ from .generator import (
     sample_scene,
 )
 
-__all__ = ["SPLITS", "SPURIOUS_CLASSES", "SPURIOUS_GROUPS", "PLACES", "FORMAT", "generate_dataset",
-           "read_factors", "read_masks"]
+__all__ = ["SPLITS", "SPURIOUS_CLASSES", "SPURIOUS_GROUPS", "PLACES", "FORMAT", "TASK_FILE", "TASK_FORMAT",
+           "generate_dataset", "task_description", "read_task", "read_factors", "read_masks"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,13 @@ SPURIOUS_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "size": (("small",), ("large",)),
 }
 FORMAT = {"name": "vitdecomp-synth", "version": 1}
-_OUTPUTS = (*SPLITS, "masks", "factors.csv", "metadata.csv", "summary.json")
+#: The task sidecar of a generated dataset (:func:`task_description`) and its format tag.
+TASK_FILE = "task.json"
+TASK_FORMAT = {"name": "vitdecomp-synth-task", "version": 1}
+#: Template set of the world's texts (:data:`vitdecomp.text.templates.TEMPLATES`): describe() phrases carry
+#: their article, so the templates add none.
+TASK_TEMPLATES = "synth"
+_OUTPUTS = (*SPLITS, "masks", "factors.csv", "metadata.csv", "summary.json", TASK_FILE)
 
 
 def _split_counts(n: int, splits: Sequence[float] | Sequence[int]) -> list[int]:
@@ -238,12 +250,13 @@ def generate_dataset(
         "classes": classes, "class_values": {c: list(v) for c, v in class_values.items()},
         "kind": "waterbirds" if spurious is not None else "folder",
         "layout": {"images": "{split}/{class}/{id}.png", "masks": "masks/{id}_{k}.png", "factors": "factors.csv",
-                   "metadata": "metadata.csv" if spurious is not None else None},
+                   "metadata": "metadata.csv" if spurious is not None else None, "task": TASK_FILE},
         "n_masks": sum(int(r["n_objects"]) for r in rows), "splits": per_split,
     }
     if spurious is not None:
         summary["group_names"] = {str(2 * y + pl): f"{classes[y]} on {PLACES[pl]}" for y in (0, 1) for pl in (0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / TASK_FILE).write_text(json.dumps(task_description(summary), indent=2) + "\n", encoding="utf-8")
     log.info("wrote %d synthetic images (%s) to %s", n, ", ".join(f"{s} {c}" for s, c in zip(SPLITS, counts)), out)
     return summary
 
@@ -278,6 +291,84 @@ def _split_summary(rows: list[dict[str, Any]], spurious: bool) -> dict[str, Any]
         summary["groups"] = {g: groups.get(g, 0) for g in ("0", "1", "2", "3")}
         summary["aligned"] = (sum(r["y"] == r["place"] for r in rows) / len(rows)) if rows else None
     return summary
+
+
+def task_description(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The task of a generated dataset in the world's own words: what ``task.json`` holds.
+
+    Args:
+        summary: the dataset's ``summary.json`` (as :func:`generate_dataset` returns it).
+
+    Returns:
+        ``format``; ``task`` (the class factor) and ``spurious`` (its train alignment, None for the
+        plain variant); ``classes`` (in label order) with, per class, ``class_values`` (the class
+        factor's values it covers) and ``class_texts`` (their :func:`~vitdecomp.synth.generator.describe`
+        phrases, e.g. ``["a red object", "an orange object"]``); ``core_texts`` (describe() of every
+        value of the class factor); for the Waterbirds variant ``spurious_factor`` = ``"background"``,
+        ``places`` (place code 0, 1: land, water), ``place_texts`` and ``spurious_texts`` (describe() of
+        every background), else None; ``templates`` (the :data:`TASK_TEMPLATES` set).
+    """
+    from .generator import describe
+
+    task = _factor(str(summary["task"]))
+    classes = [str(c) for c in summary["classes"]]
+    values = summary.get("class_values") or {c: [c] for c in classes}
+    class_values = [[str(v) for v in values[c]] for c in classes]
+    waterbirds = summary.get("spurious") is not None
+    return {
+        "format": dict(TASK_FORMAT),
+        "task": task,
+        "spurious": summary.get("spurious"),
+        "classes": classes,
+        "class_values": class_values,
+        "class_texts": [[describe(task, v) for v in vs] for vs in class_values],
+        "core_factor": task,
+        "core_texts": [describe(task, v) for v in VOCABULARY[task]],
+        "spurious_factor": "background" if waterbirds else None,
+        "places": list(PLACES) if waterbirds else None,
+        "place_texts": [describe("background", p) for p in PLACES] if waterbirds else None,
+        "spurious_texts": [describe("background", v) for v in VOCABULARY["background"]] if waterbirds else None,
+        "templates": TASK_TEMPLATES,
+    }
+
+
+def read_task(root: str | Path) -> dict[str, Any] | None:
+    """The task of the generated dataset at ``root`` (:func:`task_description`), or None for any other folder.
+
+    Reads ``root/task.json``; a dataset generated before that file existed gets the description
+    derived from its ``summary.json`` (format ``vitdecomp-synth``).
+
+    Raises:
+        InputError: a ``task.json`` that is not valid JSON or not a task description.
+    """
+    base = Path(root)
+    path = base / TASK_FILE
+    if path.is_file():
+        try:
+            task = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: not a readable task description: {exc}") from exc
+        fmt = task.get("format") if isinstance(task, dict) else None
+        if not isinstance(fmt, dict) or fmt.get("name") != TASK_FORMAT["name"]:
+            raise InputError(f"{path}: not a vitdecomp synthetic task description (format {fmt!r})")
+        classes, texts = task.get("classes"), task.get("class_texts")
+        if (not isinstance(classes, list) or not isinstance(texts, list) or len(classes) != len(texts)
+                or len(classes) < 2
+                or not all(isinstance(t, list) and t and all(isinstance(x, str) for x in t) for t in texts)):
+            raise InputError(f"{path}: 'classes' and 'class_texts' must be lists of the same length (>= 2), "
+                             "one non-empty list of texts per class")
+        return task
+    summary_path = base / "summary.json"
+    if not summary_path.is_file():
+        return None
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    fmt = summary.get("format") if isinstance(summary, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("name") != FORMAT["name"]:
+        return None
+    return task_description(summary)
 
 
 def read_factors(root: str | Path) -> list[dict[str, str]]:
