@@ -13,6 +13,8 @@ Layout of ``out_dir`` written by :func:`generate_dataset`::
                                 class factor, each class's values and their describe() texts, the core and
                                 spurious (background) texts and the template set; read by ``vitdecomp debias``
                                 (its default texts) and ``vitdecomp segment --pairs`` (its default classes)
+    classes.txt                 line k names target k in the world's words (``a red object``): the
+                                ``--classes`` file of ``vitdecomp ablate`` / ``align`` / ``label --evaluate``
 
 ``open_dataset(out_dir / "train")`` reads a split as an ImageFolder; for the spurious variant
 ``open_dataset(out_dir)`` reads everything as Waterbirds (``split=`` selects one), with
@@ -49,7 +51,7 @@ from .generator import (
     sample_scene,
 )
 
-__all__ = ["SPLITS", "SPURIOUS_CLASSES", "SPURIOUS_GROUPS", "PLACES", "FORMAT", "TASK_FILE", "TASK_FORMAT",
+__all__ = ["SPLITS", "SPURIOUS_CLASSES", "SPURIOUS_GROUPS", "PLACES", "FORMAT", "TASK_FILE", "CLASSES_FILE", "TASK_FORMAT",
            "generate_dataset", "task_description", "read_task", "read_factors", "read_masks"]
 
 log = logging.getLogger(__name__)
@@ -70,11 +72,12 @@ SPURIOUS_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 FORMAT = {"name": "vitdecomp-synth", "version": 1}
 #: The task sidecar of a generated dataset (:func:`task_description`) and its format tag.
 TASK_FILE = "task.json"
+CLASSES_FILE = "classes.txt"
 TASK_FORMAT = {"name": "vitdecomp-synth-task", "version": 1}
 #: Template set of the world's texts (:data:`vitdecomp.text.templates.TEMPLATES`): describe() phrases carry
 #: their article, so the templates add none.
 TASK_TEMPLATES = "synth"
-_OUTPUTS = (*SPLITS, "masks", "factors.csv", "metadata.csv", "summary.json", TASK_FILE)
+_OUTPUTS = (*SPLITS, "masks", "factors.csv", "metadata.csv", "summary.json", TASK_FILE, CLASSES_FILE)
 
 
 def _split_counts(n: int, splits: Sequence[float] | Sequence[int]) -> list[int]:
@@ -256,7 +259,10 @@ def generate_dataset(
     if spurious is not None:
         summary["group_names"] = {str(2 * y + pl): f"{classes[y]} on {PLACES[pl]}" for y in (0, 1) for pl in (0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (out / TASK_FILE).write_text(json.dumps(task_description(summary), indent=2) + "\n", encoding="utf-8")
+    task = task_description(summary)
+    (out / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
+    # line k names target k, in the world's own words: `--classes world/classes.txt --templates synth`
+    (out / CLASSES_FILE).write_text("".join(texts[0] + "\n" for texts in task["class_texts"]), encoding="utf-8")
     log.info("wrote %d synthetic images (%s) to %s", n, ", ".join(f"{s} {c}" for s, c in zip(SPLITS, counts)), out)
     return summary
 
