@@ -1,6 +1,7 @@
 """The main job: ``vitdecomp demo``, the whole pipeline on the shipped tiny models, as an HTML report.
 
-:func:`run_demo` (offline, CPU, about two minutes at the default size) on the synthetic world:
+:func:`run_demo` (offline, CPU; about 15 s on 2 cores at the default size, 8 s with
+:meth:`DemoConfig.quick`, see docs/benchmarks.md) on the synthetic world:
 
 1. decompose a tiny CLIP's image representation into every head, MLP and the embedding, and
    check that the parts add up;
@@ -21,13 +22,18 @@ the classifier's own class directions, and sections that need known factors are 
 note saying why.
 
 Writes ``report.html`` (self-contained: figures embedded, opens from disk) and ``results.json``
-under ``out_dir``; returns the results.
+under ``out_dir``; returns the results. Each stage logs one INFO line with its time on the
+``vitdecomp.demo`` logger (``[4/10] TextSpan labels ... 0.1 s``; ``vitdecomp demo`` shows them
+on stderr), and ``results["stage_seconds"]`` keeps the times. Text embeddings come from the
+on-disk cache (:mod:`vitdecomp.text.cache`), so a real CLIP's pool is encoded on the first run only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +55,7 @@ SECTIONS: tuple[str, ...] = ("model", "zero-shot", "textspan", "components", "ag
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (the defaults take about two minutes on a 2-core CPU)."""
+    """Sizes of the demo (the defaults take about 15 s on a 2-core CPU, :meth:`quick` about 8 s)."""
 
     n_images: int = 600
     n_segment: int = 100
@@ -57,6 +63,10 @@ class DemoConfig:
     n_heatmaps: int = 4
     textspan_texts: int = 3
     top_k: int = 3
+    n_random: int = 10  # draws of k random components, the baseline of agreement, retrieval and the spurious cue
+    align_epochs: int = 30  # CompAlign (the Swin section): most epochs (early stopping on val)
+    torch_threads: int | None = 1  # synthetic world: tiny models run faster on one thread (None: torch's own)
+    quick_mode: bool = False  # made by DemoConfig.quick(): the report says so
     seed: int = 424_242
     weights: str | Path | None = None  # folder holding clip/ and spurious/ (default: the shipped models)
     pretrained: bool = True  # --model: the library's pretrained weights (False: random weights, offline)
@@ -66,8 +76,41 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        """Small settings for tests and a first look (seconds)."""
-        return cls(n_images=120, n_segment=20, n_spurious=64, n_heatmaps=2)
+        """Small settings for tests and a first look: a fifth of the scenes (sections and baselines all kept)."""
+        return cls(n_images=120, n_segment=20, n_spurious=64, n_heatmaps=2, quick_mode=True)
+
+    def describe_quick(self) -> str:
+        """A sentence on what quick mode leaves out ('' for the full settings)."""
+        if not self.quick_mode:
+            return ""
+        full = DemoConfig()
+        return (f"Quick mode (--quick): {self.n_images} scenes instead of {full.n_images}, {self.n_segment} for "
+                f"segmentation instead of {full.n_segment}, {self.n_spurious} per spurious-cue split instead of "
+                f"{full.n_spurious}: the numbers are noisier than the full demo's.")
+
+
+class _Stages:
+    """Numbered stages of a demo run: one INFO line on the ``vitdecomp.demo`` logger as each ends.
+
+    ``with stages("TextSpan labels"): ...`` logs ``[4/10] TextSpan labels ... 0.3 s`` (and a DEBUG
+    line as it starts); the seconds of each stage are kept in :attr:`seconds`.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.done += 1
+        index = self.done
+        log.debug("[%d/%d] %s ...", index, max(self.total, index), name)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.seconds[name] = round(seconds, 2)
+        log.info("[%d/%d] %s ... %.1f s", index, max(self.total, index), name, seconds)  # total may be known now
 
 
 def run_demo(out_dir: str | Path, *, model: str | None = None, images: str | Path | None = None,
@@ -78,15 +121,37 @@ def run_demo(out_dir: str | Path, *, model: str | None = None, images: str | Pat
     cfg = config or DemoConfig()
     start = time.perf_counter()
     if model is None and images is None:
-        report, results = _synthetic(cfg)
+        stages = _Stages(10)
+        with _torch_threads(cfg.torch_threads):
+            report, results = _synthetic(cfg, stages)
     else:
-        report, results = _real(model, images, cfg)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    report.meta["seconds"] = results["seconds"]
-    report.write(out / "report.html")
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    log.info("report written to %s", out / "report.html")
+        stages = _Stages(6)
+        report, results = _real(model, images, cfg, stages)
+    with stages("write the report"):
+        results["seconds"] = round(time.perf_counter() - start, 1)
+        results["stage_seconds"] = dict(stages.seconds)  # every stage but this one
+        report.meta["seconds"] = results["seconds"]
+        report.write(out / "report.html")
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n",
+                                          encoding="utf-8")
+    log.info("report written to %s (%.1f s in all)", out / "report.html", time.perf_counter() - start)
     return results
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside (None: unchanged), restored on exit."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _json_default(obj: Any) -> Any:
@@ -98,74 +163,89 @@ def _json_default(obj: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- synthetic world
-def _synthetic(cfg: DemoConfig) -> tuple[Report, dict[str, Any]]:
-    from . import __version__
-    from .report import Report
-    from .synth.bench import (
-        SEGMENT_TEXTS,
-        BenchConfig,
-        component_scores,
-        decompose_sample,
-        factor_agreement,
-        factor_texts,
-        factor_values,
-        make_sample,
-        aligned_bench,
-        retrieval_precision,
-        segmentation_bench,
-        spurious_bench,
-    )
-    from .synth.weights import load_shipped
-    from .text import text_encoder
+def _synthetic(cfg: DemoConfig, stages: _Stages | None = None) -> tuple[Report, dict[str, Any]]:
+    stage = stages or _Stages(10)
+    with stage("load the tiny CLIP"):
+        from . import __version__
+        from .report import Report
+        from .synth.bench import (
+            SEGMENT_TEXTS,
+            BenchConfig,
+            component_scores,
+            decompose_sample,
+            factor_agreement,
+            factor_texts,
+            factor_values,
+            make_sample,
+            aligned_bench,
+            retrieval_precision,
+            segmentation_bench,
+            spurious_bench,
+        )
+        from .synth.weights import load_shipped
+        from .text import text_encoder
 
-    clip = load_shipped("clip", cfg.weights)
-    bench = BenchConfig(n_images=cfg.n_images, top_k=cfg.top_k, n_segment=cfg.n_segment, n_spurious=cfg.n_spurious,
-                        seed=cfg.seed, n_queries=min(200, cfg.n_images))
-    sample = make_sample(bench.n_images, bench.seed)
-    t0 = time.perf_counter()
-    stack = decompose_sample(clip, sample.images, batch_size=bench.batch_size)
-    seconds_decompose = time.perf_counter() - t0
-    encoder = text_encoder(clip)
-    texts = factor_texts(encoder)
-    truth = {f: factor_values(sample.scenes, f) for f in texts}
-    table = component_scores(stack, texts)
-    values = stack.values.double().numpy()
+        clip = load_shipped("clip", cfg.weights)
+        bench = BenchConfig(n_images=cfg.n_images, top_k=cfg.top_k, n_segment=cfg.n_segment,
+                            n_spurious=cfg.n_spurious, seed=cfg.seed, n_queries=min(200, cfg.n_images),
+                            n_random=cfg.n_random)
+    with stage(f"decompose {bench.n_images} scenes"):
+        sample = make_sample(bench.n_images, bench.seed)
+        t0 = time.perf_counter()
+        stack = decompose_sample(clip, sample.images, batch_size=bench.batch_size)
+        seconds_decompose = time.perf_counter() - t0
+    with stage("text embeddings and component scores"):
+        encoder = text_encoder(clip)
+        texts = factor_texts(encoder)
+        truth = {f: factor_values(sample.scenes, f) for f in texts}
+        table = component_scores(stack, texts)
+        values = stack.values.double().numpy()
     results: dict[str, Any] = {
         "version": __version__, "model": clip.name, "tiny": clip.extras.get("tiny", {}).get("zero_shot_accuracy"),
         "n_images": bench.n_images, "k": bench.top_k, "n_components": len(stack.labels), "components": [str(x) for x in stack.labels],
         "decomposition_relative_error": stack.error(), "decompose_seconds": round(seconds_decompose, 2),
+        "quick": cfg.quick_mode, "n_random": bench.n_random,
     }
-    results["textspan"] = _textspan(stack, encoder, cfg.textspan_texts)
-    results["scores"] = table.to_json()
-    results["factor_agreement"] = factor_agreement(values, table, texts, truth, k=bench.top_k,
-                                                   n_random=bench.n_random, seed=bench.seed)
-    results["retrieval"] = retrieval_precision(values, table, truth, k=bench.top_k, at=bench.precision_at,
-                                               n_queries=bench.n_queries, n_random=bench.n_random, seed=bench.seed)
-    seg_sample = make_sample(bench.n_segment, bench.seed, stream=8)
-    results["segmentation"] = segmentation_bench(clip, seg_sample, {f: texts[f] for f in SEGMENT_TEXTS}, batch_size=50)
-    classifier = load_shipped("spurious", cfg.weights)
-    results["spurious"] = spurious_bench(clip, classifier, n_train=bench.n_spurious, n=bench.n_spurious,
-                                         k=bench.top_k, n_random=bench.n_random, seed=bench.seed,
-                                         batch_size=bench.batch_size)
-    swin = load_shipped("swin", cfg.weights)
-    results["aligned"] = aligned_bench(swin, clip, sample, texts, k=bench.top_k, n_random=bench.n_random,
-                                       seed=bench.seed, batch_size=bench.batch_size)
-    report = Report(title="vitdecomp demo: the synthetic world",
-                    subtitle="A tiny CLIP and a tiny classifier trained on procedurally generated scenes whose "
-                             "factors are known, decomposed exactly and read with text.",
-                    sections=[], meta={"vitdecomp": __version__, "model": clip.name, "images": bench.n_images,
-                                       "seed": bench.seed})
-    report.sections.extend([
-        _section_model(clip, results, sample),
-        _section_zero_shot(results),
-        _section_textspan(results),
-        _section_components(table, results),
-        _section_agreement(results),
-        _section_retrieval(results, sample, values, table, cfg.top_k),
-        _section_heatmaps(clip, seg_sample, texts, results, cfg.n_heatmaps),
-        _section_spurious(results),
-        _section_aligned(results),
-    ])
+    with stage("TextSpan labels"):
+        results["textspan"] = _textspan(stack, encoder, cfg.textspan_texts)
+        results["scores"] = table.to_json()
+    with stage("factor agreement and retrieval"):
+        results["factor_agreement"] = factor_agreement(values, table, texts, truth, k=bench.top_k,
+                                                       n_random=bench.n_random, seed=bench.seed)
+        results["retrieval"] = retrieval_precision(values, table, truth, k=bench.top_k, at=bench.precision_at,
+                                                   n_queries=bench.n_queries, n_random=bench.n_random, seed=bench.seed)
+    with stage(f"zero-shot segmentation ({bench.n_segment} scenes)"):
+        seg_sample = make_sample(bench.n_segment, bench.seed, stream=8)
+        results["segmentation"] = segmentation_bench(clip, seg_sample, {f: texts[f] for f in SEGMENT_TEXTS},
+                                                     batch_size=50)
+    with stage(f"spurious cue ({bench.n_spurious} scenes per split)"):
+        classifier = load_shipped("spurious", cfg.weights)
+        results["spurious"] = spurious_bench(clip, classifier, n_train=bench.n_spurious, n=bench.n_spurious,
+                                             k=bench.top_k, n_random=bench.n_random, seed=bench.seed,
+                                             batch_size=bench.batch_size)
+    with stage("CompAlign: the tiny Swin read with text"):
+        swin = load_shipped("swin", cfg.weights)
+        results["aligned"] = aligned_bench(swin, clip, sample, texts, k=bench.top_k, n_random=bench.n_random,
+                                           seed=bench.seed, batch_size=bench.batch_size, epochs=cfg.align_epochs)
+    with stage("report figures"):
+        subtitle = ("A tiny CLIP and a tiny classifier trained on procedurally generated scenes whose factors are "
+                    "known, decomposed exactly and read with text.")
+        if cfg.quick_mode:
+            subtitle += " " + cfg.describe_quick()
+        report = Report(title="vitdecomp demo: the synthetic world", subtitle=subtitle,
+                        sections=[], meta={"vitdecomp": __version__, "model": clip.name, "images": bench.n_images,
+                                           "seed": bench.seed, **({"mode": "quick"} if cfg.quick_mode else {})})
+        report.sections.extend([
+            _section_model(clip, results, sample),
+            _section_zero_shot(results),
+            _section_textspan(results),
+            _section_components(table, results),
+            _section_agreement(results),
+            _section_retrieval(results, sample, values, table, cfg.top_k),
+            _section_heatmaps(clip, seg_sample, texts, results, cfg.n_heatmaps),
+            _section_spurious(results),
+            _section_aligned(results),
+        ])
     return report, results
 
 
@@ -399,7 +479,8 @@ def _section_aligned(results: dict[str, Any]) -> Section:
 
 
 # ----------------------------------------------------------------------------- real model
-def _real(spec: str | None, images: str | Path | None, cfg: DemoConfig) -> tuple[Report, dict[str, Any]]:
+def _real(spec: str | None, images: str | Path | None, cfg: DemoConfig,
+          stages: _Stages | None = None) -> tuple[Report, dict[str, Any]]:
     from . import __version__
     from .errors import InputError
     from .loading import load
@@ -408,10 +489,16 @@ def _real(spec: str | None, images: str | Path | None, cfg: DemoConfig) -> tuple
 
     if spec is None or images is None:
         raise InputError("a real-model demo needs both --model SPEC and --images DIR")
-    model = load(spec, pretrained=cfg.pretrained)
+    stage = stages or _Stages(6)
+    with stage(f"load {spec}"):
+        model = load(spec, pretrained=cfg.pretrained)
+        encoder = _text_tower_or_none(model)
+        stage.total = 6 if encoder is not None else 5  # no TextSpan stage without a text tower
     size = model.preprocessing.input_size
-    arrays, names, skipped = _read_images(Path(images), cfg.n_images, size)
-    stack = decompose_sample(model, arrays, batch_size=16, granularity="head")
+    with stage("read the images"):
+        arrays, names, skipped = _read_images(Path(images), cfg.n_images, size)
+    with stage(f"decompose {len(arrays)} images"):
+        stack = decompose_sample(model, arrays, batch_size=16, granularity="head")
     z = stack.reference.double()
     values = stack.values.double()
     share = (values * z).sum(-1) / (z * z).sum(-1)  # [comp, n]: each part's share of |z|^2
@@ -429,14 +516,15 @@ def _real(spec: str | None, images: str | Path | None, cfg: DemoConfig) -> tuple
     report.sections.append(Section("components", "Components by their share of the representation", [
         "Mean over images of <c_i, z> / |z|^2 (the shares of all components sum to 1)."],
         [Table(["component", "mean share"], [[k, v] for k, v in results["top_components"].items()])]))
-    figures = _real_heatmaps(model, arrays[: cfg.n_heatmaps])
+    with stage("token heatmaps"):
+        figures = _real_heatmaps(model, arrays[: cfg.n_heatmaps])
     report.sections.append(Section("heatmaps", "Token heatmaps", [
         "Each patch's contribution through all heads to the image's own predicted class direction (classifier "
         "weights) or, for a model without a classifier, to its own representation direction."],
         [Grid(figures, columns=2)]))
-    encoder = _text_tower_or_none(model)
     if encoder is not None:
-        spans = _real_textspan(stack, encoder, cfg)
+        with stage(f"TextSpan labels ('{cfg.pool}' pool; its text embeddings are cached)"):
+            spans = _real_textspan(stack, encoder, cfg)
         results["textspan"] = spans
         rows = [[s["component"], "; ".join(s["texts"]), sum(s["variance_explained"])] for s in spans]
         report.sections.append(Section("textspan", "Heads labelled with text (TextSpan)", [
@@ -451,7 +539,19 @@ def _real(spec: str | None, images: str | Path | None, cfg: DemoConfig) -> tuple
                   if encoder is None else "they run on stores, not on a folder of images"))
     report.sections.append(Section("not-run", "Not run for this model", [missing]))
     results["not_run"] = missing
+    if skipped:
+        report.sections.append(_section_skipped(skipped, images))
     return report, results
+
+
+def _section_skipped(skipped: dict[str, str], folder: str | Path) -> Section:
+    """The files of ``--images`` that were left out, with the reason of each (only when there are any)."""
+    from .report import Section, Table
+
+    return Section("skipped", f"Skipped files ({len(skipped)})", [
+        f"These files under {folder} were left out: they could not be used as images (the same rules as "
+        "`vitdecomp decompose`: unreadable, not an image, corrupt or truncated, too small or too large)."],
+        [Table(["file", "reason"], [[path, reason] for path, reason in skipped.items()])])
 
 
 def _text_tower_or_none(model: Model) -> Any:
@@ -471,13 +571,13 @@ def _real_textspan(stack: Any, encoder: Any, cfg: DemoConfig) -> list[dict[str, 
     from .textspan import textspan_heads
 
     pool = load_pool(cfg.pool)
-    embeddings = encoder.encode(pool.texts).double().numpy()
-    moments = RunningMoments(len(stack.labels), stack.dim, covariance=True)
-    moments.update(stack.values.movedim(0, 1).double().numpy())
+    embeddings = encoder.encode(pool.texts).double().numpy()  # read from the text cache after the first run
     layers = sorted({lab.layer for lab in stack.labels if lab.kind == "head"})[-cfg.textspan_layers:]
     heads = [i for i, lab in enumerate(stack.labels) if lab.kind == "head" and lab.layer in layers]
+    moments = RunningMoments(len(heads), stack.dim, covariance=True)  # the labelled heads' moments only
+    moments.update(stack.values[heads].movedim(0, 1).double().numpy())
     rank = min(32, stack.dim, max(1, stack.batch_size - 1))
-    results = textspan_heads(moments, [str(x) for x in stack.labels], pool.texts, embeddings, components=heads,
+    results = textspan_heads(moments, [str(stack.labels[i]) for i in heads], pool.texts, embeddings,
                              m=cfg.textspan_texts, rank=rank)
     return [{"component": r.label, "texts": r.texts, "variance_explained": r.variance_explained} for r in results]
 
@@ -486,26 +586,28 @@ def _read_images(folder: Path, limit: int, size: tuple[int, int] = (224, 224)) -
         np.ndarray, list[str], dict[str, str]]:
     """The first ``limit`` readable images of ``folder`` (sorted paths) as ``[n, H, W, 3]`` uint8, each scaled
     and centre-cropped to the model's input ``size`` (H, W) without distorting its aspect ratio; plus their
-    names and ``{path: reason}`` of the files skipped on the way."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    names and ``{path: reason}`` of the files skipped on the way (read with
+    :func:`vitdecomp.data.images.load_image`: the same files are skipped, with the same reasons, as
+    by ``vitdecomp decompose``)."""
+    from PIL import Image, ImageOps
 
+    from .data.images import find_images, load_image, record_skip
     from .errors import InputError
 
     if not folder.is_dir():
         raise InputError(f"--images {folder}: not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+    files = find_images([folder])
     arrays, names, skipped = [], [], {}
     for path in files:
         if len(arrays) >= limit:
             break
         try:
-            with Image.open(path) as im:
-                arrays.append(np.asarray(ImageOps.fit(im.convert("RGB"), (size[1], size[0]),
-                                                      method=Image.Resampling.BICUBIC)))
-            names.append(path.name)
-        except (UnidentifiedImageError, OSError) as exc:
-            log.warning("skipping %s: %s", path, exc)
-            skipped[str(path)] = str(exc)
+            image = load_image(path)
+        except InputError as exc:
+            record_skip(skipped, path, exc)
+            continue
+        arrays.append(np.asarray(ImageOps.fit(image, (size[1], size[0]), method=Image.Resampling.BICUBIC)))
+        names.append(path.name)
     if not arrays:
         raise InputError(f"--images {folder}: no readable images")
     return np.stack(arrays), names, skipped

@@ -32,6 +32,7 @@ from vitdecomp.synth.tiny import SWIN_CONFIG  # noqa: E402
 SECTION_ID = re.compile(r'<section id="([^"]+)"')
 PNG_URI = re.compile(r'data:image/png;base64,([A-Za-z0-9+/=]+)')
 SMALL = dict(n_images=60, n_segment=10, n_spurious=60, n_heatmaps=1)
+STAGE_LINE = re.compile(r"\[(\d+)/(\d+)\] (.+?) \.\.\. \d+\.\d s")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,7 @@ def test_demo_report_is_self_contained_and_has_every_section(demo):
     assert check_html(html) == []
     ids = SECTION_ID.findall(html)
     assert [i for i in ids if i in SECTIONS] == list(SECTIONS)  # all of them, in order
+    assert "Quick mode (--quick)" in html  # the report says its numbers come from the small settings
     pngs = PNG_URI.findall(html)
     assert pngs, "no embedded PNG figure"
     for data in pngs:
@@ -115,8 +117,13 @@ def test_demo_results_json(demo):
 def test_cli_demo_prints_a_summary_and_writes_the_report(weights, tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--quick", "--weights", str(weights), "--out", str(out), "--n-images", "60"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 0
+    # without -v, one line per stage with its time on stderr
+    stages = STAGE_LINE.findall(captured.err)
+    assert [(int(i), int(n)) for i, n, _ in stages] == [(i, 10) for i in range(1, 11)]
+    assert "TextSpan labels" in captured.err
     report_line = [line for line in printed.splitlines() if line.startswith("report:")]
     assert report_line and report_line[0].split("report:", 1)[1].strip() == str(out / "report.html")
     assert "60 images" in printed and "spurious cue" in printed
@@ -179,19 +186,34 @@ def test_real_model_demo_runs_offline_with_random_weights(tmp_path, capsys):
     html = (out / "report.html").read_text(encoding="utf-8")
     check_html(html)
     sections = re.findall(r'<section id="([^"]+)"', html)
-    assert sections == ["model", "components", "heatmaps", "not-run"]  # no text tower: no TextSpan section
+    # no text tower: no TextSpan section; broken.jpg is listed with its reason
+    assert sections == ["model", "components", "heatmaps", "not-run", "skipped"]
+    assert "broken.jpg" in html and "not an image file PIL can read" in html
     assert "textspan" not in results and "CompAlign" in results["not_run"]
     assert "timm:test_vit" in capsys.readouterr().out
 
 
-def test_real_model_demo_labels_heads_with_text_for_a_clip(tmp_path):
+def test_real_model_demo_labels_heads_with_text_for_a_clip(tmp_path, caplog):
+    import logging
+    import os
+    from pathlib import Path
+
     from vitdecomp.synth.weights import shipped_path
     from vitdecomp.text.pools import load_pool
 
     images = _photo_folder(tmp_path / "photos")
     cfg = DemoConfig(n_images=20, n_heatmaps=1)
-    results = run_demo(tmp_path / "real", model=f"open_clip:local-dir:{shipped_path('clip')}", images=images,
-                       config=cfg)
+    with caplog.at_level(logging.INFO, logger="vitdecomp.demo"):
+        results = run_demo(tmp_path / "real", model=f"open_clip:local-dir:{shipped_path('clip')}", images=images,
+                           config=cfg)
+    # one line per stage, numbered, with its time; the same stages in results.json
+    lines = [STAGE_LINE.fullmatch(r.getMessage()) for r in caplog.records if r.name == "vitdecomp.demo"]
+    stages = [m.groups() for m in lines if m]
+    assert [(int(i), int(n)) for i, n, _ in stages] == [(i, 6) for i in range(1, 7)]
+    assert [name for *_, name in stages][:-1] == list(results["stage_seconds"])
+    assert any(name.startswith("TextSpan labels") for *_, name in stages)
+    # the pool was encoded into the on-disk text cache (a second run reads it)
+    assert list((Path(os.environ["VITDECOMP_CACHE"]) / "text").glob("*.npz"))
     spans = results["textspan"]
     n_heads = 4  # heads per layer of the tiny CLIP; the last 2 layers are labelled
     assert [s["component"][:3] for s in spans] == ["L02"] * n_heads + ["L03"] * n_heads
@@ -201,3 +223,22 @@ def test_real_model_demo_labels_heads_with_text_for_a_clip(tmp_path):
         assert 0.0 <= sum(s["variance_explained"]) <= 1.0 + 1e-9
     html = (tmp_path / "real" / "report.html").read_text(encoding="utf-8")
     assert '<section id="textspan"' in html
+
+
+def test_quick_settings_do_less_work_and_cli_uses_them(monkeypatch, tmp_path):
+    quick, full = DemoConfig.quick(), DemoConfig()
+    for name in ("n_images", "n_segment", "n_spurious", "n_heatmaps"):
+        assert getattr(quick, name) < getattr(full, name), name
+    assert quick.quick_mode and not full.quick_mode
+    assert "Quick mode" in quick.describe_quick() and full.describe_quick() == ""
+    seen = []
+
+    def fake_run_demo(out, *, model=None, images=None, config=None):
+        seen.append(config)
+        return {"model": "m", "n_images": config.n_images, "n_components": 1, "decomposition_relative_error": 0.0,
+                "seconds": 0.0}
+
+    monkeypatch.setattr("vitdecomp.demo.run_demo", fake_run_demo)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "q")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "f")]) == 0
+    assert seen[0].quick_mode and seen[0].n_images == quick.n_images < seen[1].n_images == full.n_images

@@ -193,9 +193,9 @@ def test_batch_size_does_not_change_results(which, clip_encoder, hf_clip, hf_sig
         "hf_clip": text_encoder(hf_clip, tokenizer=hf_ids),
         "hf_siglip": text_encoder(hf_siglip, tokenizer=hf_ids),
     }[which]
-    full = encoder.encode(TEXTS, batch_size=256)
+    full = encoder.encode(TEXTS, batch_size=256, cache=None)
     for batch_size in (1, 2, 3):
-        torch.testing.assert_close(encoder.encode(TEXTS, batch_size=batch_size), full, atol=1e-6, rtol=0)
+        torch.testing.assert_close(encoder.encode(TEXTS, batch_size=batch_size, cache=None), full, atol=1e-6, rtol=0)
 
 
 def test_encode_runs_in_eval_mode_and_restores_training_flags(hf_clip):
@@ -206,7 +206,7 @@ def test_encode_runs_in_eval_mode_and_restores_training_flags(hf_clip):
     try:
         hf_clip.train()
         hf_clip.vision_model.eval()  # a mixed state must come back as it was
-        got = encoder.encode(TEXTS)
+        got = encoder.encode(TEXTS, cache=None)  # (not read from the cache: the tower must run)
         assert hf_clip.training and hf_clip.text_model.training and not hf_clip.vision_model.training
     finally:
         hook.remove()
@@ -352,3 +352,177 @@ def test_damaged_cache_file_is_recomputed(tmp_path, clip_encoder):
     got = embed_templates(encoder, NAMES, cache=EmbeddingCache(tmp_path))
     assert len(calls) == 1 and torch.equal(got, want)
     assert torch.equal(embed_templates(encoder, NAMES, cache=EmbeddingCache(tmp_path)), want) and len(calls) == 1
+
+
+# ----------------------------------------------------------------------------- the default, on-disk cache
+def _counting_forwards(encoder: TextEncoder) -> list[int]:
+    """Count the text-tower forward passes of ``encoder`` (texts per pass)."""
+    calls: list[int] = []
+    features = encoder._features
+
+    def counted(inputs):  # type: ignore[no-untyped-def]
+        ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
+        calls.append(int(ids.shape[0]))
+        return features(inputs)
+
+    encoder._features = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_default_cache_location_env_and_off(monkeypatch, tmp_path):
+    from vitdecomp.text.cache import CACHE_ENV, default_cache, default_cache_dir
+
+    assert CACHE_ENV == "VITDECOMP_CACHE"
+    monkeypatch.setenv("VITDECOMP_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine" / "text"
+    cache = default_cache()
+    assert cache is not None and cache.directory == tmp_path / "mine" / "text" and cache.directory.is_dir()
+    assert default_cache() is cache  # one per folder in a process
+    for off in ("off", "OFF", "0", "false", "none", ""):
+        monkeypatch.setenv("VITDECOMP_CACHE", off)
+        assert default_cache_dir() is None and default_cache() is None
+    monkeypatch.delenv("VITDECOMP_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "vitdecomp" / "text"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if sys.platform.startswith("linux"):
+        assert default_cache_dir() == tmp_path / "home" / ".cache" / "vitdecomp" / "text"
+
+
+def test_second_encode_is_read_from_disk(monkeypatch, tmp_path, clip_encoder):
+    from vitdecomp.text.cache import default_cache
+
+    monkeypatch.setenv("VITDECOMP_CACHE", str(tmp_path))
+    encoder = text_encoder(clip_encoder.module)
+    forwards = _counting_forwards(encoder)
+    first = encoder.encode(TEXTS)
+    head = embed_templates(encoder, NAMES, "synth")
+    assert sum(forwards) == len(TEXTS) + len(NAMES) * len(TEMPLATES["synth"])
+    assert len(list((tmp_path / "text").glob("*.npz"))) == 2
+    default_cache().clear()  # as a new process would start: memory empty, files kept
+    forwards.clear()
+    again = text_encoder(clip_encoder.module)
+    forwards = _counting_forwards(again)
+    assert torch.equal(again.encode(TEXTS), first) and torch.equal(embed_templates(again, NAMES, "synth"), head)
+    assert forwards == []  # no forward pass: both read from disk
+    # cache=None and raw features (normalize=False) always run the tower
+    assert torch.equal(encoder.encode(TEXTS, cache=None), first)
+    again.encode(TEXTS, normalize=False)
+    assert forwards == [len(TEXTS)]
+    # off: every call runs the tower
+    monkeypatch.setenv("VITDECOMP_CACHE", "off")
+    forwards.clear()
+    again.encode(TEXTS)
+    again.encode(TEXTS)
+    assert forwards == [len(TEXTS), len(TEXTS)]
+
+
+def test_different_weights_never_share_an_entry(monkeypatch, tmp_path):
+    from vitdecomp.text.cache import cache_key
+
+    monkeypatch.setenv("VITDECOMP_CACHE", str(tmp_path))
+
+    def tok(texts: list[str]) -> torch.Tensor:
+        return torch.arange(len(texts) * 16).reshape(-1, 16) % 1000
+
+    seed0, seed0_again, seed1 = (text_encoder(tiny_open_clip(s), tokenizer=tok) for s in (0, 0, 1))
+    assert seed0.key == seed0_again.key != seed1.key  # random weights: a digest of the parameters
+    emb0, emb1 = seed0.encode(TEXTS), seed1.encode(TEXTS)
+    assert not torch.allclose(emb0, emb1)
+    assert len(list((tmp_path / "text").glob("*.npz"))) == 2
+    # named weights (a hub tag, a checkpoint's sha256, a shipped model's digest) are part of the key
+    keys = set()
+    for weights in ("pretrained:open_clip/ViT-B-16/openai", "pretrained:open_clip/ViT-B-16/laion2b_s34b_b88k",
+                    "checkpoint:" + "a" * 64, "checkpoint:" + "b" * 64):
+        model = vd.wrap(build_tiny_clip(0))
+        model.weights = weights
+        key = text_encoder(model).key
+        assert weights in key
+        keys.add(cache_key(key, TEXTS, ()))
+    assert len(keys) == 4
+
+
+def test_concurrent_writers_of_one_entry_are_harmless(tmp_path):
+    import threading
+
+    n = 8
+    value = torch.randn(len(TEXTS), 16, generator=torch.Generator().manual_seed(0))
+    barrier = threading.Barrier(n)
+    results: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    class Keyed:
+        key = "concurrent|float32"
+
+    def compute() -> torch.Tensor:
+        barrier.wait()  # every thread misses, then all write the same entry at once
+        return value.clone()
+
+    def worker() -> None:
+        try:
+            results.append(EmbeddingCache(tmp_path).get_or_compute(Keyed(), TEXTS, (), compute))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == n and all(torch.equal(r, value) for r in results)
+    assert [p.name for p in tmp_path.iterdir()] == [cache_key(Keyed.key, TEXTS, ()) + ".npz"]  # no temp files left
+    read = EmbeddingCache(tmp_path).get_or_compute(Keyed(), TEXTS, (), lambda: pytest.fail("not read from disk"))
+    assert torch.equal(read, value)
+
+
+def test_corrupt_cache_file_is_ignored_and_rewritten_with_a_log_line(monkeypatch, tmp_path, clip_encoder, caplog):
+    import numpy as np
+
+    from vitdecomp.text.cache import default_cache
+
+    monkeypatch.setenv("VITDECOMP_CACHE", str(tmp_path))
+    encoder = text_encoder(clip_encoder.module)
+    want = encoder.encode(TEXTS)
+    (path,) = (tmp_path / "text").glob("*.npz")
+    path.write_bytes(b"\x00garbage, not an npz")
+    default_cache().clear()
+    forwards = _counting_forwards(encoder)
+    with caplog.at_level("WARNING", logger="vitdecomp.text.cache"):
+        got = encoder.encode(TEXTS)
+    assert torch.equal(got, want) and forwards == [len(TEXTS)]  # recomputed
+    assert any(str(path) in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
+    with np.load(path) as data:  # and rewritten: a valid entry again
+        assert np.array_equal(data["embeddings"], want.numpy())
+    default_cache().clear()
+    assert torch.equal(encoder.encode(TEXTS), want) and forwards == [len(TEXTS)]
+
+
+def test_unusable_cache_folder_warns_and_keeps_memory_only(monkeypatch, tmp_path, clip_encoder, caplog):
+    from vitdecomp.text.cache import default_cache
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("VITDECOMP_CACHE", str(blocker))
+    with caplog.at_level("WARNING", logger="vitdecomp.text.cache"):
+        cache = default_cache()
+        got = text_encoder(clip_encoder.module).encode(TEXTS)
+    assert cache is not None and cache.directory is None and len(cache) == 1
+    assert got.shape == (len(TEXTS), 128) and "memory only" in caplog.text
+
+
+def test_progress_bar_is_delayed_and_off_when_quiet():
+    import logging
+
+    from vitdecomp.text.encoders import _progress
+
+    with _progress(10, "x") as bar:
+        assert bar.delay == 2.0 and not bar.disable
+    logger = logging.getLogger("vitdecomp")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # what -q does
+    try:
+        with _progress(10, "x") as bar:
+            assert bar.disable
+    finally:
+        logger.setLevel(level)

@@ -7,7 +7,22 @@ the texts in order. On disk each entry is one ``<sha256>.npz`` holding ``embeddi
 (float32 ``[n, d]``) plus the key, templates and texts it was computed from, which are checked
 on read. Files are written to a temporary file in the same directory and moved into place
 with ``os.replace``, so a reader never sees a partial file, and concurrent writers of the
-same entry (same content) are harmless.
+same entry (same content) are harmless. A file that cannot be read (damaged, foreign) is
+logged, recomputed and replaced; a file that cannot be written is logged and skipped.
+
+**On by default.** :func:`default_cache` is the process-wide cache that
+:meth:`~vitdecomp.text.encoders.TextEncoder.encode`,
+:func:`~vitdecomp.text.templates.embed_templates` and
+:func:`~vitdecomp.text.zero_shot.zero_shot_head` use unless given ``cache=None`` (or another
+cache), and so every command and the demo. Its directory (:func:`default_cache_dir`) is
+
+* ``$VITDECOMP_CACHE/text`` when the environment variable :data:`CACHE_ENV` is set;
+  ``VITDECOMP_CACHE=off`` (or ``0``, ``false``, ``no``, ``none``) turns the cache off;
+* else ``$XDG_CACHE_HOME/vitdecomp/text``, or the platform's user cache folder:
+  ``~/.cache/vitdecomp/text`` (Linux), ``~/Library/Caches/vitdecomp/text`` (macOS),
+  ``%LOCALAPPDATA%\\vitdecomp\\cache\\text`` (Windows).
+
+Each file is a few hundred kB per thousand texts; delete the folder at any time to reclaim it.
 """
 from __future__ import annotations
 
@@ -16,21 +31,30 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, Union
 
 from ..errors import InputError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["EmbeddingCache", "cache_key"]
+__all__ = ["CACHE_ENV", "CacheChoice", "EmbeddingCache", "cache_key", "default_cache", "default_cache_dir",
+           "resolve_cache"]
 
 log = logging.getLogger(__name__)
 
 _FORMAT = "vitdecomp-text-embeddings/1"
+#: Environment variable: the folder of vitdecomp's caches (text embeddings go in its ``text/``), or ``off``.
+CACHE_ENV = "VITDECOMP_CACHE"
+_OFF = frozenset({"off", "0", "false", "no", "none", "disable", "disabled"})
+
+#: A ``cache=`` argument: an :class:`EmbeddingCache`, ``"default"`` (:func:`default_cache`) or None (no cache).
+CacheChoice = Union["EmbeddingCache", Literal["default"], None]
 
 
 class _Keyed(Protocol):
@@ -39,7 +63,11 @@ class _Keyed(Protocol):
 
 
 def cache_key(encoder_key: str, texts: Sequence[str], templates: Sequence[str]) -> str:
-    """The sha256 hex digest naming the embeddings of ``texts`` under ``templates``."""
+    """The sha256 hex digest naming the embeddings of ``texts`` under ``templates``.
+
+    ``templates`` ``()`` names the texts embedded as they are (:meth:`TextEncoder.encode
+    <vitdecomp.text.encoders.TextEncoder.encode>`), distinct from any template set.
+    """
     payload = json.dumps([_FORMAT, encoder_key, list(templates), list(texts)], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -91,7 +119,7 @@ class EmbeddingCache:
         Args:
             encoder: anything with a ``key`` (a :class:`~vitdecomp.text.encoders.TextEncoder`).
             texts: the ``n`` texts (names) in order.
-            templates: the template strings used.
+            templates: the template strings used (``()``: the texts as they are).
             compute: zero-argument callable producing the embeddings.
 
         Returns:
@@ -149,7 +177,12 @@ class EmbeddingCache:
             return
         import numpy as np
 
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest[:16]}.", suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # (it may have been deleted since)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest[:16]}.", suffix=".tmp")
+        except OSError as exc:  # a read-only or full disk: the run goes on without the file
+            log.warning("embedding cache: cannot write in %s (%s); not cached on disk", path.parent, exc)
+            return
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(
@@ -162,8 +195,78 @@ class EmbeddingCache:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise
+            if not isinstance(exc, OSError):
+                raise
+            log.warning("embedding cache: cannot write %s (%s); not cached on disk", path, exc)
+            return
         log.debug("embedding cache: wrote %s", path.name)
+
+
+# ----------------------------------------------------------------------------- the default cache
+_defaults: dict[str, EmbeddingCache] = {}
+_defaults_lock = threading.Lock()
+
+
+def default_cache_dir() -> Path | None:
+    """The folder of the default on-disk text-embedding cache, or None when it is turned off.
+
+    ``$VITDECOMP_CACHE/text`` when :data:`CACHE_ENV` is set (None for ``off``, ``0``, ``false``,
+    ``no``, ``none``, or an empty value); else ``$XDG_CACHE_HOME/vitdecomp/text``; else the
+    platform's user cache folder: ``~/.cache/vitdecomp/text``, ``~/Library/Caches/vitdecomp/text``
+    on macOS, ``%LOCALAPPDATA%/vitdecomp/cache/text`` on Windows. Read on every call, so changing
+    the variable takes effect at once.
+    """
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        if value.strip().lower() in _OFF or not value.strip():
+            return None
+        return Path(value).expanduser() / "text"
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "vitdecomp" / "text"
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "vitdecomp" / "cache" / "text"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "vitdecomp" / "text"
+    return Path.home() / ".cache" / "vitdecomp" / "text"
+
+
+def default_cache() -> EmbeddingCache | None:
+    """The process-wide cache in :func:`default_cache_dir` (None when turned off).
+
+    One :class:`EmbeddingCache` per folder, shared by every caller in the process (so an entry
+    read once is then served from memory). A folder that cannot be created is logged once and
+    the cache is kept in memory only.
+    """
+    directory = default_cache_dir()
+    if directory is None:
+        return None
+    name = str(directory)
+    with _defaults_lock:
+        cache = _defaults.get(name)
+        if cache is None:
+            try:
+                cache = EmbeddingCache(directory)
+                log.debug("text embedding cache: %s", directory)
+            except (OSError, InputError) as exc:
+                log.warning("text embedding cache: cannot use %s (%s); keeping embeddings in memory only "
+                            "(set %s to a writable folder, or %s=off)", directory, exc, CACHE_ENV, CACHE_ENV)
+                cache = EmbeddingCache()
+            _defaults[name] = cache
+    return cache
+
+
+def resolve_cache(cache: CacheChoice) -> EmbeddingCache | None:
+    """``cache`` itself, or :func:`default_cache` for ``"default"``.
+
+    Raises:
+        InputError: a string other than ``"default"``.
+    """
+    if isinstance(cache, str):
+        if cache != "default":
+            raise InputError(f"cache must be an EmbeddingCache, 'default' or None, got {cache!r}")
+        return default_cache()
+    return cache

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from ..errors import InputError, UnsupportedModelError
+from .cache import CacheChoice, resolve_cache
 
 if TYPE_CHECKING:
     import torch
@@ -113,16 +114,30 @@ class TextEncoder:
             self._key = self._key()
         return f"{self._key}|{_param_dtype(self.module)}"
 
-    def encode(self, texts: Sequence[str], *, batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int = 256,
+        normalize: bool = True,
+        cache: CacheChoice = "default",
+    ) -> torch.Tensor:
         """Embed ``texts``.
 
         Runs under ``torch.no_grad`` with the module in eval mode (each submodule's train/eval
-        flag is restored afterwards), on the module's device; tokens are moved there.
+        flag is restored afterwards), on the module's device; tokens are moved there. Unit
+        embeddings are looked up in ``cache`` first (by :attr:`key` and the texts) and kept
+        there, so a text is run through the tower once per set of weights. An encoding that
+        takes more than 2 s shows a tqdm bar on stderr (none when logging is set to errors only).
 
         Args:
             texts: ``n`` strings (a single ``str`` is refused: wrap it in a list).
             batch_size: texts per forward pass; does not change the result.
-            normalize: divide each row by its L2 norm (computed in float32).
+            normalize: divide each row by its L2 norm (computed in float32). Raw features
+                (``False``) are never cached.
+            cache: ``"default"``: the on-disk :func:`~vitdecomp.text.cache.default_cache`
+                (``VITDECOMP_CACHE``); an :class:`~vitdecomp.text.cache.EmbeddingCache`; None:
+                always run the text tower.
 
         Returns:
             float32 CPU tensor ``[n, d]``.
@@ -131,22 +146,35 @@ class TextEncoder:
             InputError: ``texts`` is a string or holds a non-string; ``batch_size < 1``.
         """
         import torch
-        import torch.nn.functional as F
 
         items = _check_texts(texts)
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if not items:
             return torch.zeros(0, self.dim, dtype=torch.float32)
+        store = resolve_cache(cache) if normalize else None
+        if store is None:
+            return self._run(items, batch_size, normalize)
+        return store.get_or_compute(self, items, (), lambda: self._run(items, batch_size, True))
+
+    def _run(self, items: list[str], batch_size: int, normalize: bool) -> torch.Tensor:
+        """The text tower on ``items`` (batched, with a delayed progress bar): float32 CPU ``[n, d]``."""
+        import torch
+        import torch.nn.functional as F
+
+        if len(items) >= 1000:
+            log.info("%s: encoding %d texts with the text tower", self.name, len(items))
         device = _param_device(self.module)
         rows: list[torch.Tensor] = []
-        with _eval_mode(self.module), torch.no_grad():
+        with _eval_mode(self.module), torch.no_grad(), _progress(len(items), f"encoding texts ({self.name})") as bar:
             for start in range(0, len(items), batch_size):
-                inputs = _to_device(self._tokenize(items[start : start + batch_size]), device)
+                batch = items[start : start + batch_size]
+                inputs = _to_device(self._tokenize(batch), device)
                 feats = self._features(inputs).float()
                 if normalize:
                     feats = F.normalize(feats, dim=-1)
                 rows.append(feats.cpu())
+                bar.update(len(batch))
         out = torch.cat(rows)
         log.debug("%s: encoded %d texts -> %s", self.name, len(items), tuple(out.shape))
         return out
@@ -426,6 +454,14 @@ def _to_device(inputs: Any, device: torch.device) -> Any:
     raise InputError(
         f"the tokenizer returned {type(inputs).__name__}; expected a tensor of input_ids or a mapping of tensors"
     )
+
+
+def _progress(total: int, desc: str) -> Any:
+    """A tqdm bar in texts on stderr, shown only once 2 s have passed; off when logging is errors-only (``-q``)."""
+    from tqdm import tqdm
+
+    quiet = logging.getLogger("vitdecomp").getEffectiveLevel() > logging.WARNING
+    return tqdm(total=total, desc=desc, unit="text", delay=2.0, dynamic_ncols=True, disable=quiet)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from ..errors import InputError
 if TYPE_CHECKING:
     import torch
 
-    from .cache import EmbeddingCache
+    from .cache import CacheChoice
     from .encoders import TextEncoder
 
 __all__ = ["TEMPLATES", "resolve_templates", "fill_templates", "embed_templates"]
@@ -101,7 +101,7 @@ def embed_templates(
     names: Sequence[str],
     templates: str | Sequence[str] = "plain",
     *,
-    cache: EmbeddingCache | None = None,
+    cache: CacheChoice = "default",
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Template-ensembled unit embeddings of ``names``.
@@ -114,14 +114,18 @@ def embed_templates(
         encoder: the text encoder.
         names: ``n`` names (class names, attribute values, captions).
         templates: a set name of :data:`TEMPLATES`, one template, or a sequence of templates.
-        cache: an :class:`~vitdecomp.text.cache.EmbeddingCache`; the result is looked up by
-            (encoder key, templates, names) and computed only on a miss.
+        cache: where the result is looked up by (encoder key, templates, names) and computed
+            only on a miss: ``"default"``, the on-disk
+            :func:`~vitdecomp.text.cache.default_cache` (``VITDECOMP_CACHE``); an
+            :class:`~vitdecomp.text.cache.EmbeddingCache`; None: always computed.
         batch_size: texts per forward pass (all ``n * T`` filled texts are batched together).
 
     Returns:
         float32 CPU tensor ``[n, d]`` with unit rows.
     """
     import torch.nn.functional as F
+
+    from .cache import resolve_cache
 
     if isinstance(names, str):
         raise InputError("names must be a sequence of strings, not one string (wrap it in a list)")
@@ -131,11 +135,12 @@ def embed_templates(
     def compute() -> torch.Tensor:
         filled = fill_templates(texts, resolved)
         if not filled:
-            return encoder.encode([], batch_size=batch_size)
-        emb = encoder.encode(filled, batch_size=batch_size, normalize=True)  # [n*T, d]
+            return encoder.encode([], batch_size=batch_size, cache=None)
+        emb = encoder.encode(filled, batch_size=batch_size, normalize=True, cache=None)  # [n*T, d]
         emb = emb.reshape(len(texts), len(resolved), -1).mean(dim=1)
         return F.normalize(emb, dim=-1)
 
-    if cache is None:
+    store = resolve_cache(cache)
+    if store is None or not texts:
         return compute()
-    return cache.get_or_compute(encoder, texts, resolved, compute)
+    return store.get_or_compute(encoder, texts, resolved, compute)

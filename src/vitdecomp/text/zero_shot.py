@@ -29,7 +29,7 @@ from .templates import embed_templates
 if TYPE_CHECKING:
     import torch
 
-    from .cache import EmbeddingCache
+    from .cache import CacheChoice
     from .encoders import TextEncoder
 
 __all__ = ["zero_shot_head", "zero_shot_logits", "zero_shot_accuracy"]
@@ -40,7 +40,7 @@ def zero_shot_head(
     classnames: Sequence[str],
     templates: str | Sequence[str] = "photo",
     *,
-    cache: EmbeddingCache | None = None,
+    cache: CacheChoice = "default",
     batch_size: int = 256,
 ) -> torch.Tensor:
     """The zero-shot classifier of ``classnames``: one template-ensembled unit row per class.
@@ -50,7 +50,8 @@ def zero_shot_head(
         classnames: ``C`` class names.
         templates: a set name of :data:`~vitdecomp.text.templates.TEMPLATES`, one template,
             or a sequence of templates.
-        cache: optional :class:`~vitdecomp.text.cache.EmbeddingCache`.
+        cache: ``"default"`` (the on-disk :func:`~vitdecomp.text.cache.default_cache`), an
+            :class:`~vitdecomp.text.cache.EmbeddingCache`, or None (always computed).
         batch_size: texts per forward pass.
 
     Returns:
