@@ -6,9 +6,9 @@ Method: two float32 stores of N rows are written once under a temp folder (a "mo
 ``D_CLIP`` wide, chunk 200, so the chunk grids differ as they may in practice). Then, in this
 process, on the same rows:
 
-1. **read**: one pass of :func:`vitdecomp.align.store_batches` (both stores, ids checked, rows
+1. **read**: one pass of :func:`vitdecomp.interpret.align.store_batches` (both stores, ids checked, rows
    valid in both), nothing computed -- the I/O floor of every fit pass;
-2. **fit, streamed**: :func:`vitdecomp.align.fit_compalign` for one epoch (one training pass that
+2. **fit, streamed**: :func:`vitdecomp.interpret.align.fit_compalign` for one epoch (one training pass that
    also evaluates the initial state on the held-out rows, plus one evaluation pass of the final
    state), for ``--objective penalty`` and ``orthogonal``;
 3. **fit, in memory**: the same fit from tensors already in memory (no store reads).
@@ -35,8 +35,8 @@ from _timing import best_of
 
 def _write(path: Path, values: np.ndarray, ref: np.ndarray, names: list[str], chunk: int) -> None:
     from vitdecomp import ComponentStack
-    from vitdecomp.labels import parse_label
-    from vitdecomp.store import ComponentStore, StoreConfig
+    from vitdecomp.core.labels import parse_label
+    from vitdecomp.store.component_store import ComponentStore, StoreConfig
 
     n, comp, d = values.shape
     cfg = StoreConfig(model=f"bench-{d}", weights="none", dtype="float32", n_items=n, batch_size=chunk)
@@ -65,8 +65,8 @@ def main() -> None:
         args.rows = 2048
     torch.set_num_threads(args.threads)
 
-    from vitdecomp.align import AlignConfig, fit_compalign, store_batches
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.interpret.align import AlignConfig, fit_compalign, store_batches
+    from vitdecomp.store.component_store import ComponentStore
 
     n, comp, dm, dc = args.rows, args.comp, args.d_model, args.d_clip
     gen = np.random.default_rng(0)

@@ -50,7 +50,7 @@ def main() -> None:
     from vitdecomp.data.datasets import Waterbirds
     from vitdecomp.synth.dataset import SPURIOUS_GROUPS, generate_dataset
     from vitdecomp.synth.generator import VOCABULARY, describe
-    from vitdecomp.synth.weights import shipped_path
+    from vitdecomp.core.shipped import shipped_path
 
     spec = f"open_clip:local-dir:{shipped_path('clip')}"
     with tempfile.TemporaryDirectory() as tmp:

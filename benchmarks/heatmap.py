@@ -47,7 +47,7 @@ def main() -> None:
     from PIL import Image
 
     import vitdecomp as vd
-    from vitdecomp.heatmap import crop_box, render_original, render_panel, token_heatmap
+    from vitdecomp.apps.heatmap import crop_box, render_original, render_panel, token_heatmap
 
     torch.set_num_threads(args.threads)
     model = vd.load(args.model, pretrained=False, device=args.device)

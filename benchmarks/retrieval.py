@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Retrieval by feature (``vitdecomp.retrieve``): query latency over 50k items, index build time, and
+"""Retrieval by feature (``vitdecomp.apps.retrieve``): query latency over 50k items, index build time, and
 building an index from a store against a plain forward pass.
 
 Method:
@@ -75,7 +75,7 @@ def _numpy_f32(vectors: np.ndarray, k: int) -> Any:
 def latency(n: int, dim: int, n_groups: int, n_queries: int, k: int, workdir: Path) -> dict[str, Any]:
     import faiss
 
-    from vitdecomp.retrieve import ComponentGroup, GroupIndex, _Sink, unit_rows
+    from vitdecomp.apps.retrieve import ComponentGroup, GroupIndex, _Sink, unit_rows
 
     rng = np.random.default_rng(dim)
     rows = np.arange(n)
@@ -141,9 +141,9 @@ def store_build(n_items: int, n_forward: int, workdir: Path) -> dict[str, Any]:
     import torch
 
     import vitdecomp as vd
-    from vitdecomp.retrieve import ComponentGroup, build_index, full_group
-    from vitdecomp.stack import ComponentStack
-    from vitdecomp.store import ComponentStore, StoreConfig
+    from vitdecomp.apps.retrieve import ComponentGroup, build_index, full_group
+    from vitdecomp.core.stack import ComponentStack
+    from vitdecomp.store.component_store import ComponentStore, StoreConfig
 
     model = vd.load("open_clip:ViT-B-16", pretrained=False)
     pixels = torch.randn(16, 3, 224, 224)

@@ -9,11 +9,11 @@ with the store API. Then, each timed in the same run:
 * **read** -- ``for stack in store.iter_batches(): stack.values.double().sum(0)``: the baseline
   every streamed command pays (zarr read, float16 -> float64).
 * **score** -- what ``vitdecomp score STORE all`` does after embedding the texts: a
-  :class:`~vitdecomp.score.ScoreMoments` projected on the 52 directions of the eight feature
+  :class:`~vitdecomp.interpret.score.ScoreMoments` projected on the 52 directions of the eight feature
   sets (random orthonormal bases here, k = 7, 8, 7, 7, 7, 6, 5, 5), fed batch by batch, then
   ``score_table`` for corr, var_attributed and var_explained.
 * **ablate** -- what ``vitdecomp ablate STORE --classes ... --components (10) --reference-self``
-  does: a reference pass (per-component sums) and :func:`~vitdecomp.ablate.accuracy_over_batches`
+  does: a reference pass (per-component sums) and :func:`~vitdecomp.interpret.ablate.accuracy_over_batches`
   with 2 + 2 x 13 ablation sets (unablated, the chosen set, both cumulative curves) and a
   zero-shot-like head of 10 unit rows.
 
@@ -49,9 +49,9 @@ def build_store(path: Path, n: int, chunk: int):  # noqa: ANN201 - ComponentStor
     import numpy as np
     import torch
 
-    from vitdecomp.labels import parse_label
-    from vitdecomp.stack import ComponentStack
-    from vitdecomp.store import ComponentStore, StoreConfig
+    from vitdecomp.core.labels import parse_label
+    from vitdecomp.core.stack import ComponentStack
+    from vitdecomp.store.component_store import ComponentStore, StoreConfig
 
     labels = ["embed"] + [f"L{l:02d}.{k}" for l in range(12) for k in [f"H{h:02d}" for h in range(12)] + ["bias", "mlp"]]
     labels.append("bias")
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from vitdecomp.ablate import accuracy_over_batches, curve_sets
-    from vitdecomp.score import ScoreMoments, feature_basis, score_table
+    from vitdecomp.interpret.ablate import accuracy_over_batches, curve_sets
+    from vitdecomp.interpret.score import ScoreMoments, feature_basis, score_table
 
     t0 = time.perf_counter()
     store = build_store(args.work / "store.zarr", args.n, args.chunk)

@@ -6,14 +6,14 @@ timed with ``time.perf_counter``:
 
 * ``forward``: the model's own forward (no_grad), the baseline;
 * ``attention``: one hooked forward giving every block's attention, raw attention and rollout
-  (:func:`vitdecomp.relevance.attention_pass` with ``gradients=False``);
+  (:func:`vitdecomp.apps.segmentation.relevance.attention_pass` with ``gradients=False``);
 * ``gradients``: the same pass plus the backward for ``d logit / d alpha`` and both gradient
   maps (attention GradCAM, Chefer relevance);
 * ``decomposition``: the contrastive decomposition map (``head_token`` decomposition projected
-  onto the batch's contrast directions, :func:`vitdecomp.segment_run.decomposition_map`);
+  onto the batch's contrast directions, :func:`vitdecomp.apps.segmentation.harness.decomposition_map`);
 * ``all five``: gradients + decomposition (what one ``segment`` batch computes);
 * ``metrics``: upsampling the five maps to the input size and scoring them against masks
-  (:class:`vitdecomp.segmentation.SegmentationMetrics`), no model involved.
+  (:class:`vitdecomp.apps.segmentation.metrics.SegmentationMetrics`), no model involved.
 
 Every configuration is called ``--warmup`` times, then ``--repeats`` rounds call each once
 (order rotated); the table reports the median per-batch time, images/s and the ratio to the
@@ -49,9 +49,9 @@ def main() -> None:
     import torch.nn.functional as F
 
     import vitdecomp as vd
-    from vitdecomp.relevance import attention_pass, classifier_head
-    from vitdecomp.segment_run import decomposition_map
-    from vitdecomp.segmentation import SegmentationMetrics
+    from vitdecomp.apps.segmentation.relevance import attention_pass, classifier_head
+    from vitdecomp.apps.segmentation.harness import decomposition_map
+    from vitdecomp.apps.segmentation.metrics import SegmentationMetrics
 
     torch.set_num_threads(args.threads)
     model = vd.load(args.model, pretrained=False, device=args.device)

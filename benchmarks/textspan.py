@@ -9,11 +9,11 @@ noise, ``x = μ_h + z A_h + σ ε`` with ``z ~ N(0, diag(s²))`` of rank ``--lat
 (head, batch) block has its own seed, so both forms see exactly the same numbers.
 
 * **covariance form** -- stream the images in batches of ``--batch`` (``[batch, heads, d]``),
-  accumulate :class:`vitdecomp.store.RunningMoments` (``covariance=True``), then
-  :func:`vitdecomp.textspan.textspan_heads` (``m``, ``r``). Holds one batch plus
+  accumulate :class:`vitdecomp.store.component_store.RunningMoments` (``covariance=True``), then
+  :func:`vitdecomp.interpret.textspan.textspan_heads` (``m``, ``r``). Holds one batch plus
   ``heads × d²`` float64.
 * **direct form** -- per head, gather its ``[n, d]`` matrix and run
-  :func:`vitdecomp.textspan.textspan_direct` (the reference ``clip_text_span`` algorithm:
+  :func:`vitdecomp.interpret.textspan.textspan_direct` (the reference ``clip_text_span`` algorithm:
   SVD of ``C``, then ``C̄ Tᵀ [n, M]`` per step). Holds ``n × d`` (and ``n × M``) per head.
   Holding every head at once, as the reference code does, would need ``n × heads × d``
   (printed as an estimate, not allocated).
@@ -113,8 +113,8 @@ class Synth:
 
 
 def run_covariance(syn: Synth) -> tuple[dict[str, float], list[Any]]:
-    from vitdecomp.store import RunningMoments
-    from vitdecomp.textspan import textspan_heads
+    from vitdecomp.store.component_store import RunningMoments
+    from vitdecomp.interpret.textspan import textspan_heads
 
     np, a = syn.np, syn.args
     gc.collect()
@@ -138,7 +138,7 @@ def run_covariance(syn: Synth) -> tuple[dict[str, float], list[Any]]:
 
 
 def run_direct(syn: Synth) -> tuple[dict[str, float], list[Any]]:
-    from vitdecomp.textspan import textspan_direct
+    from vitdecomp.interpret.textspan import textspan_direct
 
     np, a = syn.np, syn.args
     gc.collect()

@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vitdecomp.data.datasets import open_dataset
-    from vitdecomp.dataset_run import decompose_dataset
-    from vitdecomp.store import ComponentStore
-    from vitdecomp.textspan import textspan_direct, textspan_heads
+    from vitdecomp.store.dataset_run import decompose_dataset
+    from vitdecomp.store.component_store import ComponentStore
+    from vitdecomp.interpret.textspan import textspan_direct, textspan_heads
 
     args.work.mkdir(parents=True, exist_ok=True)
     images = args.work / "images"

@@ -12,49 +12,73 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from . import _moved
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": "vitdecomp.loading",
-    "wrap": "vitdecomp.model",
-    "Model": "vitdecomp.model",
-    "WeightsUnavailableError": "vitdecomp.model",
-    "decompose": "vitdecomp.decomposition",
-    "decompose_dataset": "vitdecomp.dataset_run",
-    "DatasetRun": "vitdecomp.dataset_run",
-    "iter_decompose": "vitdecomp.decomposition",
-    "ComponentStack": "vitdecomp.stack",
-    "TokenInfo": "vitdecomp.stack",
-    "ComponentLabel": "vitdecomp.labels",
-    "parse_label": "vitdecomp.labels",
+    "load": "vitdecomp.core.loading",
+    "wrap": "vitdecomp.core.model",
+    "Model": "vitdecomp.core.model",
+    "WeightsUnavailableError": "vitdecomp.core.model",
+    "decompose": "vitdecomp.core.decomposition",
+    "decompose_dataset": "vitdecomp.store.dataset_run",
+    "DatasetRun": "vitdecomp.store.dataset_run",
+    "iter_decompose": "vitdecomp.core.decomposition",
+    "ComponentStack": "vitdecomp.core.stack",
+    "TokenInfo": "vitdecomp.core.stack",
+    "ComponentLabel": "vitdecomp.core.labels",
+    "parse_label": "vitdecomp.core.labels",
     "VitDecompError": "vitdecomp.errors",
     "UnsupportedModelError": "vitdecomp.errors",
     "DecompositionError": "vitdecomp.errors",
     "InputError": "vitdecomp.errors",
-    "registered_adapters": "vitdecomp.adapters.base",
-    "register_adapter": "vitdecomp.adapters.base",
+    "registered_adapters": "vitdecomp.core.adapters.base",
+    "register_adapter": "vitdecomp.core.adapters.base",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
-    from .adapters.base import register_adapter, registered_adapters
-    from .dataset_run import DatasetRun, decompose_dataset
-    from .decomposition import decompose, iter_decompose
+    from .core.adapters.base import register_adapter, registered_adapters
+    from .store.dataset_run import DatasetRun, decompose_dataset
+    from .core.decomposition import decompose, iter_decompose
     from .errors import DecompositionError, InputError, UnsupportedModelError, VitDecompError
-    from .labels import ComponentLabel, parse_label
-    from .loading import load
-    from .model import Model, WeightsUnavailableError, wrap
-    from .stack import ComponentStack, TokenInfo
+    from .core.labels import ComponentLabel, parse_label
+    from .core.loading import load
+    from .core.model import Model, WeightsUnavailableError, wrap
+    from .core.stack import ComponentStack, TokenInfo
 
 
-_SUBMODULES = ("data", "store", "testing", "synth", "text", "textspan", "score", "heatmap", "attention_maps",
-               "segmentation", "report", "demo", "align", "ablate", "retrieve")
+#: ``vd.<name>`` submodules, imported on first use (the documented library parts)
+_SUBMODULES = {
+    "core": "vitdecomp.core",
+    "data": "vitdecomp.data",
+    "store": "vitdecomp.store",
+    "interpret": "vitdecomp.interpret",
+    "apps": "vitdecomp.apps",
+    "report": "vitdecomp.report",
+    "synth": "vitdecomp.synth",
+    "testing": "vitdecomp.testing",
+    "text": "vitdecomp.interpret.text",
+    "align": "vitdecomp.interpret.align",
+    "textspan": "vitdecomp.interpret.textspan",
+    "score": "vitdecomp.interpret.score",
+    "ablate": "vitdecomp.interpret.ablate",
+    "retrieve": "vitdecomp.apps.retrieve",
+    "heatmap": "vitdecomp.apps.heatmap",
+    "debias": "vitdecomp.apps.debias",
+    "segmentation": "vitdecomp.apps.segmentation",
+    "attention_maps": "vitdecomp.apps.segmentation.attention",
+    "demo": "vitdecomp.synth.demo",
+}
+
+_moved.install()  # old module paths (vitdecomp.stack, vitdecomp.text, ...) keep importing, with a warning
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:  # vd.data, vd.text, ...: imported on first use
-        return import_module(f"vitdecomp.{name}")
+        return import_module(_SUBMODULES[name])
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import vitdecomp as vd
 from vitdecomp.data.datasets import ImageNetSegmentation
-from vitdecomp.segment_run import METHODS, format_table, method_availability, run_segmentation
-from vitdecomp.segmentation import SegmentationMetrics, resize_pair
+from vitdecomp.apps.segmentation.harness import METHODS, format_table, method_availability, run_segmentation
+from vitdecomp.apps.segmentation.metrics import SegmentationMetrics, resize_pair
 from vitdecomp.testing.gtsegs import write_gtsegs
 
 pytest.importorskip("h5py")
@@ -64,9 +64,9 @@ def mat(tmp_path_factory):
 
 def _independent(model, head, images, masks, methods, start):
     """Each method's metrics from maps computed here (decompose + token_heatmap, the one-call baselines)."""
-    from vitdecomp.attention_maps import raw_attention, rollout
-    from vitdecomp.heatmap import token_heatmap
-    from vitdecomp.relevance import attention_gradcam, chefer_relevance
+    from vitdecomp.apps.segmentation.attention import raw_attention, rollout
+    from vitdecomp.apps.heatmap import token_heatmap
+    from vitdecomp.apps.segmentation.relevance import attention_gradcam, chefer_relevance
 
     prep = model.preprocessing
     size = tuple(prep.input_size)
@@ -101,7 +101,7 @@ def _independent(model, head, images, masks, methods, start):
 
 @pytest.mark.parametrize("family", list(BUILD))
 def test_segment_runs_per_method_and_reports_unavailable_ones(family, mat):
-    from vitdecomp.relevance import classifier_head
+    from vitdecomp.apps.segmentation.relevance import classifier_head
 
     path, images, masks = mat
     model = vd.wrap(BUILD[family]())
@@ -133,13 +133,13 @@ def test_segment_runs_per_method_and_reports_unavailable_ones(family, mat):
 
 
 def test_segment_cli_on_swin_writes_unavailable_methods(tmp_path, mat, monkeypatch, capsys):
-    import vitdecomp.loading
+    import vitdecomp.core.loading
     from vitdecomp.cli.main import main
 
     swin = vd.wrap(_swin())
     # vd.load first: its lazy lookup would otherwise cache the patched loading.load for good
     monkeypatch.setattr(vd, "load", lambda spec, **kwargs: swin)
-    monkeypatch.setattr(vitdecomp.loading, "load", lambda spec, **kwargs: swin)
+    monkeypatch.setattr(vitdecomp.core.loading, "load", lambda spec, **kwargs: swin)
     out = tmp_path / "out"
     code = main(["segment", "--mat", str(mat[0]), "--model", "timm:tiny-swin", "--batch-size", "5",
                  "--examples", "1", "--out", str(out), "--no-progress"])
@@ -159,7 +159,7 @@ FP16_TOL = 3e-3  # float16 storage of unit vectors: inner products agree to abou
 def timm_store(tmp_path_factory):
     """A store of a tiny random timm ViT (head granularity) over 24 synthetic scenes."""
     from vitdecomp.cli.main import main
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
     from vitdecomp.synth import generate_dataset
 
     root = tmp_path_factory.mktemp("vitstore")
@@ -172,7 +172,7 @@ def timm_store(tmp_path_factory):
 
 def _planted(store, d_clip: int, seed: int, n_maps: int = 3):
     """A random CompAlign for the store: ``n_maps`` maps shared round-robin by the components."""
-    from vitdecomp.align import AlignConfig, CompAlign
+    from vitdecomp.interpret.align import AlignConfig, CompAlign
 
     gen = torch.Generator().manual_seed(seed)
     n, d = int(store.comp_shape[0]), int(store.comp_shape[-1])
@@ -183,7 +183,7 @@ def _planted(store, d_clip: int, seed: int, n_maps: int = 3):
 
 
 def _clip_spec() -> str:
-    from vitdecomp.synth.weights import shipped_path
+    from vitdecomp.core.shipped import shipped_path
 
     return f"open_clip:local-dir:{shipped_path('clip')}"
 
@@ -211,7 +211,7 @@ def _same_topk(hits, exact, rows_of_position, queries, k):
 
 
 def test_aligned_index_equals_brute_force_on_mapped_sums(timm_store, tmp_path):
-    from vitdecomp import retrieve
+    from vitdecomp.apps import retrieve
 
     store = timm_store
     align = _planted(store, d_clip=24, seed=0)
@@ -235,7 +235,7 @@ def test_aligned_index_equals_brute_force_on_mapped_sums(timm_store, tmp_path):
 
 
 def test_another_alignment_is_an_index_mismatch(timm_store, tmp_path):
-    from vitdecomp import retrieve
+    from vitdecomp.apps import retrieve
 
     store = timm_store
     group = retrieve.ComponentGroup.of([str(store.labels[3])])
@@ -256,7 +256,7 @@ def test_another_alignment_is_an_index_mismatch(timm_store, tmp_path):
     a = retrieve.build_index(store, [group], backend="numpy", align=first)
     assert a.path.parent == store.path and a.path.name == f"retrieval-align-{rec['maps_sha256'][:12]}"
     # maps fitted for other components are refused before anything is built
-    from vitdecomp.align import CompAlign
+    from vitdecomp.interpret.align import CompAlign
 
     wrong = CompAlign(first.group_maps, first.map_index[:-1], first.config, labels=first.labels[:-1])
     from vitdecomp.errors import InputError
@@ -268,9 +268,9 @@ def test_another_alignment_is_an_index_mismatch(timm_store, tmp_path):
 def test_cli_text_query_on_a_non_clip_store_through_align(timm_store, tmp_path, capsys):
     import hashlib
 
-    from vitdecomp import retrieve
+    from vitdecomp.apps import retrieve
     from vitdecomp.cli.main import main
-    from vitdecomp.text import embed_templates, text_encoder
+    from vitdecomp.interpret.text import embed_templates, text_encoder
 
     store = timm_store
     encoder = text_encoder(vd.load(_clip_spec()))

@@ -58,7 +58,7 @@ def folder(tmp_path_factory) -> Path:
 def test_tiny_and_broken_images_are_skipped_alike_by_every_reader(folder, tmp_path, capsys):
     from vitdecomp.data.datasets import ImageFolder, load_batch
     from vitdecomp.data.images import find_images, iter_image_batches
-    from vitdecomp.demo import DemoConfig, run_demo
+    from vitdecomp.synth.demo import DemoConfig, run_demo
 
     tiny, broken = str(folder / "a_pixel.png"), str(folder / "broken.jpg")
     expected = {tiny: TINY_REASON, broken: BROKEN_REASON}
@@ -90,7 +90,7 @@ def test_tiny_and_broken_images_are_skipped_alike_by_every_reader(folder, tmp_pa
 
 
 def test_demo_report_has_no_skipped_section_when_nothing_was_skipped(folder, tmp_path):
-    from vitdecomp.demo import _read_images
+    from vitdecomp.synth.demo import _read_images
 
     clean = tmp_path / "clean"
     clean.mkdir()
@@ -181,7 +181,7 @@ def test_heatmap_overlays_are_bounded_and_keep_the_geometry(folder, tmp_path):
 
 def test_crop_box_resized_maps_the_same_points():
     import vitdecomp as vd
-    from vitdecomp.heatmap import crop_box
+    from vitdecomp.apps.heatmap import crop_box
 
     model = vd.load("timm:test_vit", pretrained=False)
     box = crop_box(model, (1600, 800))
@@ -193,7 +193,7 @@ def test_crop_box_resized_maps_the_same_points():
 
 # ----------------------------------------------------------------- Ctrl-C in a dataset run
 def test_ctrl_c_in_a_dataset_run_keeps_chunks_and_says_how_to_resume(folder, tmp_path, monkeypatch, capsys):
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
 
     data = tmp_path / "data"
     data.mkdir()
@@ -225,8 +225,8 @@ def test_ctrl_c_in_a_dataset_run_keeps_chunks_and_says_how_to_resume(folder, tmp
 # ----------------------------------------------------------------- align: a CLIP store without a text tower
 def _store(path: Path, model: str, n: int = 24, d: int = 6) -> Path:
     from vitdecomp import ComponentStack
-    from vitdecomp.labels import parse_label
-    from vitdecomp.store import ComponentStore, StoreConfig
+    from vitdecomp.core.labels import parse_label
+    from vitdecomp.store.component_store import ComponentStore, StoreConfig
 
     names = ["L00.H00", "L00.H01", "L00.mlp"]
     gen = np.random.default_rng(1)
@@ -307,9 +307,9 @@ SWIN_LABELS = ["embed"] + [f"S{s}.B{b:02d}.{p}" for s, blocks in ((0, 3), (1, 1)
 
 
 def test_label_layers_counts_blocks_across_stages(tmp_path, capsys):
-    from vitdecomp.align import CompAlign
+    from vitdecomp.interpret.align import CompAlign
     from vitdecomp.cli.label_cmd import last_layer_heads
-    from vitdecomp.synth.weights import shipped_path
+    from vitdecomp.core.shipped import shipped_path
 
     # the selection itself: the last 2 blocks are S0.B02 and S1.B00 (not "the largest block numbers")
     picked = [SWIN_LABELS[i] for i in last_layer_heads(SWIN_LABELS, 2)]
@@ -320,8 +320,8 @@ def test_label_layers_counts_blocks_across_stages(tmp_path, capsys):
     # end to end: a Swin-labelled store read in the shipped tiny CLIP's space through identity maps
     import vitdecomp as vd
     from vitdecomp import ComponentStack
-    from vitdecomp.labels import parse_label
-    from vitdecomp.store import ComponentStore, StoreConfig
+    from vitdecomp.core.labels import parse_label
+    from vitdecomp.store.component_store import ComponentStore, StoreConfig
 
     clip_spec = f"open_clip:local-dir:{shipped_path('clip')}"
     clip = vd.load(clip_spec)

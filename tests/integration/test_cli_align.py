@@ -19,9 +19,9 @@ FIT = ["--epochs", "2", "--lr", "0.01", "--batch-size", "16", "--val-fraction", 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    from vitdecomp.dataset_run import decompose_dataset
+    from vitdecomp.store.dataset_run import decompose_dataset
     from vitdecomp.synth import generate_dataset
-    from vitdecomp.synth.weights import load_shipped, shipped_path
+    from vitdecomp.core.shipped import load_shipped, shipped_path
 
     root = tmp_path_factory.mktemp("align")
     generate_dataset(root / "data", 64, seed=1, task="colour", splits=(64, 0, 0))
@@ -47,7 +47,7 @@ def fitted(stores):
 
 def _rows(store_path: Path, clip_path: Path) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Everything in memory: components [n, comp, d], CLIP embeddings [n, d_clip], rows valid in both, targets."""
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
 
     st, cl = ComponentStore.open(store_path), ComponentStore.open(clip_path)
     a, b = st.components(slice(None)), cl.components(slice(None))
@@ -58,9 +58,9 @@ def _rows(store_path: Path, clip_path: Path) -> tuple[torch.Tensor, torch.Tensor
 
 def test_align_metrics_equal_the_library_on_the_held_out_rows(stores, fitted):
     import vitdecomp as vd
-    from vitdecomp.align import CompAlign, orthogonality_defect, validation_mask
-    from vitdecomp.store import ComponentStore
-    from vitdecomp.text import text_encoder, zero_shot_head
+    from vitdecomp.interpret.align import CompAlign, orthogonality_defect, validation_mask
+    from vitdecomp.store.component_store import ComponentStore
+    from vitdecomp.interpret.text import text_encoder, zero_shot_head
 
     payload = json.loads((fitted / "align.json").read_text(encoding="utf-8"))
     align = CompAlign.load(fitted / "compalign.safetensors")
@@ -102,7 +102,7 @@ def test_align_metrics_equal_the_library_on_the_held_out_rows(stores, fitted):
 
 
 def test_resumed_fit_gives_the_maps_of_an_uninterrupted_one(stores, capsys):
-    from vitdecomp.align import CompAlign
+    from vitdecomp.interpret.align import CompAlign
 
     root = stores["root"]
     args = ["align", str(stores["vit"]), "--clip-store", str(stores["clip"]), *FIT, "--epochs", "3",
@@ -127,11 +127,11 @@ def test_resumed_fit_gives_the_maps_of_an_uninterrupted_one(stores, capsys):
 
 def test_label_with_align_is_textspan_of_the_mapped_components(stores, fitted, tmp_path, capsys):
     import vitdecomp as vd
-    from vitdecomp.align import CompAlign
-    from vitdecomp.store import ComponentStore, RunningMoments
-    from vitdecomp.text import text_encoder
-    from vitdecomp.text.pools import load_pool
-    from vitdecomp.textspan import textspan_heads
+    from vitdecomp.interpret.align import CompAlign
+    from vitdecomp.store.component_store import ComponentStore, RunningMoments
+    from vitdecomp.interpret.text import text_encoder
+    from vitdecomp.interpret.text.pools import load_pool
+    from vitdecomp.interpret.textspan import textspan_heads
 
     target = tmp_path / "labels.json"
     assert main(["label", str(stores["vit"]), "--align", str(fitted), "--pool", "feature/colour", "--m", "2",
@@ -172,8 +172,8 @@ def _store(path: Path, values: np.ndarray, ref: np.ndarray, ids: list[str], chun
            skipped_rows: tuple[int, ...] = ()) -> None:
     """A store of ``values [n, comp, d]`` (reference ``ref [n, d_ref]``), rows in ``skipped_rows`` skipped."""
     from vitdecomp import ComponentStack
-    from vitdecomp.labels import parse_label
-    from vitdecomp.store import ComponentStore, StoreConfig
+    from vitdecomp.core.labels import parse_label
+    from vitdecomp.store.component_store import ComponentStore, StoreConfig
 
     n, comp, d = values.shape
     names = NAMES if comp == C else ["embed"]
@@ -203,7 +203,7 @@ def _planted(tmp_path: Path, n: int, d_clip: int, ids_clip: list[str] | None = N
 
 
 def test_only_rows_valid_in_both_stores_are_used(tmp_path):
-    from vitdecomp.align import validation_mask
+    from vitdecomp.interpret.align import validation_mask
 
     model, clip = _planted(tmp_path, 200, 8, skip_model=(5, 17), skip_clip=(9, 17, 150))
     out = tmp_path / "out"

@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import vitdecomp as vd
-import vitdecomp.loading
-from vitdecomp.adapters.base import Preprocessing
+import vitdecomp.core.loading
+from vitdecomp.core.adapters.base import Preprocessing
 from vitdecomp.cli.main import EXIT_INPUT, main
-from vitdecomp.heatmap import Heatmap, crop_box, map_to_original, token_heatmap
+from vitdecomp.apps.heatmap import Heatmap, crop_box, map_to_original, token_heatmap
 from vitdecomp.synth.generator import Scene, SceneObject, render
-from vitdecomp.synth.weights import shipped_path
-from vitdecomp.text import embed_templates, text_encoder
+from vitdecomp.core.shipped import shipped_path
+from vitdecomp.interpret.text import embed_templates, text_encoder
 
 CLIP = f"open_clip:local-dir:{shipped_path('clip')}"
 SIZES = [(96, 64), (48, 80)]  # (width, height): non-square, both orientations, != the 64 x 64 input
@@ -32,9 +32,9 @@ SIZES = [(96, 64), (48, 80)]  # (width, height): non-square, both orientations, 
 
 @pytest.fixture(scope="module", autouse=True)
 def cached_load():
-    """Every run loads through vitdecomp.loading.load, memoised here (the tiny CLIP's BPE tokenizer
+    """Every run loads through vitdecomp.core.loading.load, memoised here (the tiny CLIP's BPE tokenizer
     takes seconds to build, and each CLI call would build it again)."""
-    original = vitdecomp.loading.load
+    original = vitdecomp.core.loading.load
     cache: dict[tuple, object] = {}
 
     def load(spec, *, pretrained=True, checkpoint=None, device=None, **kwargs):
@@ -45,7 +45,7 @@ def cached_load():
         return cache[key]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vitdecomp.loading, "load", load)
+        mp.setattr(vitdecomp.core.loading, "load", load)
         yield load
 
 
@@ -142,7 +142,7 @@ def test_contrast_map_is_the_difference_of_the_two_maps(clip_runs):
 
 
 def test_feature_selection_takes_the_top_components_of_a_score_table(scenes, clip_runs, tmp_path):
-    from vitdecomp.score import ScoreTable
+    from vitdecomp.interpret.score import ScoreTable
 
     names = clip_runs["a"][1]["components"]
     scores = np.random.default_rng(0).normal(size=(len(names), 2))
@@ -170,11 +170,11 @@ def ramp(w: int, h: int) -> tuple[Image.Image, int, int]:
 def transforms_to_invert():
     from torchvision import transforms as T
 
-    from vitdecomp.synth.weights import load_shipped
+    from vitdecomp.core.shipped import load_shipped
 
     tail = [T.ToTensor()]
     return {
-        "clip": vitdecomp.loading.load(CLIP).transform,  # open_clip: Resize(64) + CenterCrop(64)
+        "clip": vitdecomp.core.loading.load(CLIP).transform,  # open_clip: Resize(64) + CenterCrop(64)
         "timm": load_shipped("vit").transform,  # timm-style Lambda + Resize + CenterCrop
         "squash": T.Compose([T.Resize((40, 56)), *tail]),
         "crop_pct": T.Compose([T.Resize(37), T.CenterCrop(32), *tail]),
@@ -260,7 +260,7 @@ def test_registers_are_reported_beside_the_map_of_a_classifier(scenes, tmp_path,
 
 
 def test_a_non_clip_model_reads_text_through_compalign(scenes, tmp_path, cached_load):
-    from vitdecomp.align import AlignConfig, CompAlign
+    from vitdecomp.interpret.align import AlignConfig, CompAlign
 
     model = cached_load("timm:test_vit", pretrained=False, checkpoint=None, device="cpu")
     clip = cached_load(CLIP)
@@ -290,7 +290,7 @@ def test_swin_maps_its_last_stage_grid_from_the_first_block_of_that_stage(scenes
     swin = vd.wrap(timm.create_model(
         "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, window_size=4, embed_dim=16,
         depths=(1, 2), num_heads=(1, 2), num_classes=4).eval())
-    monkeypatch.setattr(vitdecomp.loading, "load", lambda spec, **kwargs: swin)
+    monkeypatch.setattr(vitdecomp.core.loading, "load", lambda spec, **kwargs: swin)
     out = tmp_path / "out"
     assert cli(*scenes, "--model", "timm:tiny-swin", "--class-index", 2, "--out", out) == 0
     result = read(out)

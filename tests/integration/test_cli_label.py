@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vitdecomp.cli.main import main
-from vitdecomp.synth.weights import shipped_path
+from vitdecomp.core.shipped import shipped_path
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,10 @@ def test_label_matches_textspan_on_the_stored_rows(store, tmp_path, capsys):
     import torch
 
     import vitdecomp as vd
-    from vitdecomp.store import ComponentStore, RunningMoments
-    from vitdecomp.text import text_encoder
-    from vitdecomp.text.pools import load_pool
-    from vitdecomp.textspan import textspan_heads
+    from vitdecomp.store.component_store import ComponentStore, RunningMoments
+    from vitdecomp.interpret.text import text_encoder
+    from vitdecomp.interpret.text.pools import load_pool
+    from vitdecomp.interpret.textspan import textspan_heads
 
     spec, path = store
     target = tmp_path / "labels.json"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vitdecomp.cli.main import main
-from vitdecomp.synth.weights import shipped_path
+from vitdecomp.core.shipped import shipped_path
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +43,14 @@ def stores(tmp_path_factory):
 @pytest.fixture(scope="module")
 def encoder(stores):
     import vitdecomp as vd
-    from vitdecomp.text import text_encoder
+    from vitdecomp.interpret.text import text_encoder
 
     return text_encoder(vd.load(stores["spec"]))
 
 
 def _stack(path):
     """Every valid row of a store as one stack (the test's independent reading)."""
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
 
     st = ComponentStore.open(path)
     return st, st.components(slice(None), as_stack=True)
@@ -65,9 +65,9 @@ def _subset(stack, keep):
 
 # ---------------------------------------------------------------------------- score
 def test_score_json_matches_score_table_on_full_moments(stores, encoder, tmp_path, capsys):
-    from vitdecomp.score import ScoreMoments, ScoreTable, feature_basis, score_table
-    from vitdecomp.text import embed_templates
-    from vitdecomp.text.pools import load_pool
+    from vitdecomp.interpret.score import ScoreMoments, ScoreTable, feature_basis, score_table
+    from vitdecomp.interpret.text import embed_templates
+    from vitdecomp.interpret.text.pools import load_pool
 
     mine = tmp_path / "sea_things.txt"
     mine.write_text("# my feature\nwater\nsand\nwater\n", encoding="utf-8")
@@ -112,8 +112,8 @@ def test_score_json_matches_score_table_on_full_moments(stores, encoder, tmp_pat
 def test_score_through_an_alignment_and_custom_pool(stores, tmp_path, capsys):
     import torch
 
-    from vitdecomp.align import AlignConfig, CompAlign
-    from vitdecomp.score import ScoreTable
+    from vitdecomp.interpret.align import AlignConfig, CompAlign
+    from vitdecomp.interpret.score import ScoreTable
 
     st, _ = _stack(stores["train"])
     n, d = len(st.labels), st.comp_shape[-1]
@@ -141,7 +141,7 @@ def _zero_shot(encoder, stores):
     import torch
 
     from vitdecomp.cli.ablate_cmd import read_classes
-    from vitdecomp.text import zero_shot_head
+    from vitdecomp.interpret.text import zero_shot_head
 
     head = zero_shot_head(encoder, read_classes(stores["classes"]), "plain").to(torch.float64)
     return head, lambda z: (z.to(torch.float64) @ head.T).argmax(-1)
@@ -150,8 +150,8 @@ def _zero_shot(encoder, stores):
 def test_ablating_every_component_predicts_from_the_mean_representation(stores, encoder, tmp_path):
     import torch
 
-    from vitdecomp.align import validation_mask
-    from vitdecomp.ablate import ablate
+    from vitdecomp.interpret.align import validation_mask
+    from vitdecomp.interpret.ablate import ablate
 
     st, stack = _stack(stores["train"])
     out = tmp_path / "all"
@@ -186,8 +186,8 @@ def test_ablating_every_component_predicts_from_the_mean_representation(stores, 
 def test_curves_match_layer_curve_for_split_and_self_references(stores, encoder, tmp_path):
     import torch
 
-    from vitdecomp.ablate import layer_curve
-    from vitdecomp.align import validation_mask
+    from vitdecomp.interpret.ablate import layer_curve
+    from vitdecomp.interpret.align import validation_mask
 
     st, stack = _stack(stores["train"])
     _, predict = _zero_shot(encoder, stores)
@@ -226,7 +226,7 @@ def test_curves_match_layer_curve_for_split_and_self_references(stores, encoder,
 def test_zero_resample_linear_and_reference_store(stores, encoder, tmp_path, capsys):
     import torch
 
-    from vitdecomp.ablate import layer_curve
+    from vitdecomp.interpret.ablate import layer_curve
 
     st, stack = _stack(stores["train"])
     rows = np.arange(st.n_items)
@@ -267,7 +267,7 @@ def test_zero_resample_linear_and_reference_store(stores, encoder, tmp_path, cap
 
 
 def test_top_from_a_score_result(stores, tmp_path, capsys):
-    from vitdecomp.score import ScoreTable
+    from vitdecomp.interpret.score import ScoreTable
 
     out = tmp_path / "s"
     assert main(["-q", "score", str(stores["train"]), "colour", "shape", "--contrast", "colour", "shape",

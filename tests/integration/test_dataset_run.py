@@ -16,8 +16,8 @@ from PIL import Image
 
 import vitdecomp as vd
 from vitdecomp.data.datasets import load_batch, open_dataset
-from vitdecomp.dataset_run import decompose_dataset, load_chunk_stats
-from vitdecomp.store import ComponentStore, StoreMismatchError
+from vitdecomp.store.dataset_run import decompose_dataset, load_chunk_stats
+from vitdecomp.store.component_store import ComponentStore, StoreMismatchError
 
 MODEL = "timm:test_vit"
 ARRAYS = ("components", "reference", "valid", "ids", "targets")

@@ -1,4 +1,4 @@
-"""``vitdecomp debias`` (METHOD §6.6) on a Waterbirds-layout folder generated from the synthetic world.
+"""``vitdecomp debias`` (docs/method.md §6.6) on a Waterbirds-layout folder generated from the synthetic world.
 
 The class is the object's colour (which the shipped tiny CLIP reads perfectly) and the place is the
 background (land / water, read perfectly too), correlated 95 % in train and balanced in val and
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vitdecomp import debias as db
+from vitdecomp.apps import debias as db
 from vitdecomp.errors import InputError
 
 N_SPLIT = 24
@@ -23,7 +23,7 @@ CLASS_GROUPS = (("red", "orange", "yellow"), ("green", "blue", "purple", "white"
 
 
 def _spec() -> str:
-    from vitdecomp.synth.weights import shipped_path
+    from vitdecomp.core.shipped import shipped_path
 
     return f"open_clip:local-dir:{shipped_path('clip')}"
 
@@ -37,7 +37,7 @@ def _texts() -> dict[str, list[str]]:
 
 
 def _decompose(model, root: Path, out: Path, splits=db.SPLITS):
-    from vitdecomp.dataset_run import decompose_dataset
+    from vitdecomp.store.dataset_run import decompose_dataset
 
     return {s: decompose_dataset(model, root, out / s, split=s, batch_size=N_SPLIT, progress=False).store
             for s in splits}
@@ -47,7 +47,7 @@ def _decompose(model, root: Path, out: Path, splits=db.SPLITS):
 def world(tmp_path_factory):
     import vitdecomp as vd
     from vitdecomp.synth.dataset import generate_dataset
-    from vitdecomp.text import text_encoder
+    from vitdecomp.interpret.text import text_encoder
 
     base = tmp_path_factory.mktemp("debias")
     root = base / "waterbirds"
@@ -117,7 +117,7 @@ def test_selection_uses_val_only(world, result, tmp_path):
 
 
 def test_selection_is_the_top_contrastive_candidates_from_an_in_memory_recomputation(world, result):
-    from vitdecomp.score import ScoreMoments, feature_basis, score_table
+    from vitdecomp.interpret.score import ScoreMoments, feature_basis, score_table
 
     val = world["stores"]["val"].components(slice(None), as_stack=True)
     table = score_table(ScoreMoments.from_stack(val), {"s": feature_basis(world["emb"]["spurious"]),
@@ -134,10 +134,10 @@ def test_selection_is_the_top_contrastive_candidates_from_an_in_memory_recomputa
 
 # ----------------------------------------------------------------------------- metrics
 def test_group_accuracies_equal_a_hand_computation_with_ablate(world, result):
-    """Ablated predictions through vitdecomp.ablate (val means), grouped by metadata.csv read by hand."""
+    """Ablated predictions through vitdecomp.interpret.ablate (val means), grouped by metadata.csv read by hand."""
     import torch
 
-    from vitdecomp.ablate import ablate
+    from vitdecomp.interpret.ablate import ablate
 
     meta = _metadata(world["root"])
     val = world["stores"]["val"].components(slice(None), as_stack=True)
@@ -236,7 +236,7 @@ def test_linear_head_matches_sklearn_on_the_train_split(world):
 
 
 def test_identity_alignment_gives_the_same_result(world, result):
-    from vitdecomp.align import CompAlign
+    from vitdecomp.interpret.align import CompAlign
 
     store = world["stores"]["val"]
     align = CompAlign.identity(len(store.labels), store.comp_shape[-1], labels=list(store.labels))
@@ -264,7 +264,7 @@ def test_errors_on_a_bad_layout(world, tmp_path):
         db.debias(stores, world["labels"], world["head"], spurious=world["emb"]["spurious"],
                   core=world["emb"]["core"], k=100, check=False)
     # a store of another decomposition (layer granularity) does not go with the others
-    from vitdecomp.dataset_run import decompose_dataset
+    from vitdecomp.store.dataset_run import decompose_dataset
 
     layer = decompose_dataset(world["model"], world["root"], tmp_path / "layer", split="test", batch_size=N_SPLIT,
                               granularity="layer", progress=False).store

@@ -22,12 +22,12 @@ from PIL import Image  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vitdecomp.cli.main import EXIT_INPUT, main  # noqa: E402
-from vitdecomp.debias import candidate_mask  # noqa: E402
-from vitdecomp.demo import SECTIONS, DemoConfig, run_demo  # noqa: E402
+from vitdecomp.apps.debias import candidate_mask  # noqa: E402
+from vitdecomp.synth.demo import SECTIONS, DemoConfig, run_demo  # noqa: E402
 from vitdecomp.report import check_html  # noqa: E402
 from vitdecomp.synth.bench import CLASSIFIER_NOTE, BenchConfig  # noqa: E402
 from vitdecomp.synth.generator import SCENE_FACTORS  # noqa: E402
-from vitdecomp.synth.tiny import SWIN_CONFIG  # noqa: E402
+from vitdecomp.core.tiny import SWIN_CONFIG  # noqa: E402
 
 SECTION_ID = re.compile(r'<section id="([^"]+)"')
 PNG_URI = re.compile(r'data:image/png;base64,([A-Za-z0-9+/=]+)')
@@ -198,16 +198,16 @@ def test_real_model_demo_labels_heads_with_text_for_a_clip(tmp_path, caplog):
     import os
     from pathlib import Path
 
-    from vitdecomp.synth.weights import shipped_path
-    from vitdecomp.text.pools import load_pool
+    from vitdecomp.core.shipped import shipped_path
+    from vitdecomp.interpret.text.pools import load_pool
 
     images = _photo_folder(tmp_path / "photos")
     cfg = DemoConfig(n_images=20, n_heatmaps=1)
-    with caplog.at_level(logging.INFO, logger="vitdecomp.demo"):
+    with caplog.at_level(logging.INFO, logger="vitdecomp.synth.demo"):
         results = run_demo(tmp_path / "real", model=f"open_clip:local-dir:{shipped_path('clip')}", images=images,
                            config=cfg)
     # one line per stage, numbered, with its time; the same stages in results.json
-    lines = [STAGE_LINE.fullmatch(r.getMessage()) for r in caplog.records if r.name == "vitdecomp.demo"]
+    lines = [STAGE_LINE.fullmatch(r.getMessage()) for r in caplog.records if r.name == "vitdecomp.synth.demo"]
     stages = [m.groups() for m in lines if m]
     assert [(int(i), int(n)) for i, n, _ in stages] == [(i, 6) for i in range(1, 7)]
     assert [name for *_, name in stages][:-1] == list(results["stage_seconds"])
@@ -238,7 +238,7 @@ def test_quick_settings_do_less_work_and_cli_uses_them(monkeypatch, tmp_path):
         return {"model": "m", "n_images": config.n_images, "n_components": 1, "decomposition_relative_error": 0.0,
                 "seconds": 0.0}
 
-    monkeypatch.setattr("vitdecomp.demo.run_demo", fake_run_demo)
+    monkeypatch.setattr("vitdecomp.synth.demo.run_demo", fake_run_demo)
     assert main(["demo", "--quick", "--out", str(tmp_path / "q")]) == 0
     assert main(["demo", "--out", str(tmp_path / "f")]) == 0
     assert seen[0].quick_mode and seen[0].n_images == quick.n_images < seen[1].n_images == full.n_images

@@ -15,7 +15,7 @@ import torch
 
 import vitdecomp as vd
 from vitdecomp.errors import DecompositionError
-from vitdecomp.stack import directions_norm, relative_error
+from vitdecomp.core.stack import directions_norm, relative_error
 from vitdecomp.testing import tiny_hf_clip_vision, tiny_hf_siglip_vision, tiny_open_clip_vision, tiny_timm_vit
 from vitdecomp.testing.tiny_models import perturb
 

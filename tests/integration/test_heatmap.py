@@ -1,4 +1,4 @@
-"""Token heatmaps (METHOD §6.4) and attention baselines (§6.5) on tiny models (offline, seconds).
+"""Token heatmaps (docs/method.md §6.4) and attention baselines (§6.5) on tiny models (offline, seconds).
 
 Independent references: heatmap entries are read by hand from the token stack (prefix offset,
 row-major grid); attention probabilities come from the models' own eager paths (timm with
@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import vitdecomp as vd
-from vitdecomp.attention_maps import attention_probs, raw_attention, rollout, rollout_matrix
+from vitdecomp.apps.segmentation.attention import attention_probs, raw_attention, rollout, rollout_matrix
 from vitdecomp.errors import InputError, UnsupportedModelError
-from vitdecomp.heatmap import Heatmap, render_overlay, token_heatmap
-from vitdecomp.synth.tiny import build_tiny_clip
+from vitdecomp.apps.heatmap import Heatmap, render_overlay, token_heatmap
+from vitdecomp.core.tiny import build_tiny_clip
 from vitdecomp.testing import tiny_timm_vit
 from vitdecomp.testing.tiny_models import perturb
 

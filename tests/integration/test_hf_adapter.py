@@ -26,7 +26,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import vitdecomp as vd
-from vitdecomp.adapters.hf_vit import HFViTAdapter
+from vitdecomp.core.adapters.hf_vit import HFViTAdapter
 from vitdecomp.testing import assert_exact
 from vitdecomp.testing.tiny_models import (
     perturb,
@@ -594,8 +594,8 @@ def test_unsupported_model_type_from_a_directory(tmp_path):
 
 def test_importing_the_adapter_does_not_import_transformers():
     code = (
-        "import sys, vitdecomp, vitdecomp.adapters.hf_vit\n"
-        "from vitdecomp.adapters.base import registered_adapters\n"
+        "import sys, vitdecomp, vitdecomp.core.adapters.hf_vit\n"
+        "from vitdecomp.core.adapters.base import registered_adapters\n"
         "assert any(a.family == 'hf-vit' for a in registered_adapters())\n"
         "assert 'transformers' not in sys.modules, 'transformers imported eagerly'\n"
     )

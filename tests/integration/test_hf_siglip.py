@@ -35,8 +35,8 @@ if not hasattr(transformers, "SiglipVisionModel"):  # pragma: no cover - old tra
     pytest.skip("this transformers has no SigLIP", allow_module_level=True)
 
 import vitdecomp as vd
-from vitdecomp.adapters.hf_vit import HFViTAdapter
-from vitdecomp.readout import AttentionPool
+from vitdecomp.core.adapters.hf_vit import HFViTAdapter
+from vitdecomp.core.readout import AttentionPool
 from vitdecomp.testing import assert_exact, tiny_hf_siglip, tiny_hf_siglip_vision
 
 N_HEADS = 4  # every tiny tower: width 64, 4 heads of 16, 2 blocks, 32 px, patch 8 -> 4x4 grid

@@ -78,7 +78,7 @@ def test_the_running_check_raises_after_the_last_part():
 def test_engines_without_parts_yield_one_whole_stack():
     import timm
 
-    from vitdecomp.engines import parts_engine_for
+    from vitdecomp.core.engines import parts_engine_for
 
     assert parts_engine_for("vit") is not None
     assert parts_engine_for("swin") is None

@@ -321,7 +321,7 @@ def test_whole_models_are_read_through_their_visual_tower():
     facts = model.describe()
     assert facts["projection"] == (64, 32) and facts["pool"] == "cls" and facts["prefix_tokens"] == ["cls"]
     assert facts["input_size"] == [32, 32] and facts["heads"] == 4 and facts["blocks"] == 2
-    from vitdecomp.adapters.base import adapter_for
+    from vitdecomp.core.adapters.base import adapter_for
 
     timm_vit = pytest.importorskip("timm").create_model("test_vit", pretrained=False)
     assert adapter_for(timm_vit).family == "timm-vit"
@@ -431,7 +431,7 @@ def test_load_random_init_of_a_registered_config(tiny_arch):
 def test_checkpoint_round_trip(tiny_arch, tmp_path):
     from safetensors.torch import save_file
 
-    from vitdecomp.model import file_sha256
+    from vitdecomp.core.model import file_sha256
 
     model = vd.load(f"open_clip:{tiny_arch}", pretrained=False)
     path = tmp_path / "clip.safetensors"

@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("faiss")
 torch = pytest.importorskip("torch")
 
-from vitdecomp import retrieve  # noqa: E402
+from vitdecomp.apps import retrieve  # noqa: E402
 from vitdecomp.cli.main import main  # noqa: E402
 from vitdecomp.errors import InputError  # noqa: E402
-from vitdecomp.synth.weights import shipped_path  # noqa: E402
+from vitdecomp.core.shipped import shipped_path  # noqa: E402
 
 N_IMAGES = 150
 FP16_TOL = 3e-3  # float16 storage of unit vectors: inner products agree to about 1e-3
@@ -24,11 +24,11 @@ FP16_TOL = 3e-3  # float16 storage of unit vectors: inner products agree to abou
 def world(tmp_path_factory):
     """(spec, store path, data root, {id: colour}, feature score table, text encoder)."""
     import vitdecomp as vd
-    from vitdecomp.score import ScoreMoments, feature_basis, score_table
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.interpret.score import ScoreMoments, feature_basis, score_table
+    from vitdecomp.store.component_store import ComponentStore
     from vitdecomp.synth import generate_dataset
     from vitdecomp.synth.bench import factor_texts
-    from vitdecomp.text import text_encoder
+    from vitdecomp.interpret.text import text_encoder
 
     root = tmp_path_factory.mktemp("retrieve")
     generate_dataset(root / "data", N_IMAGES, seed=3, splits=(N_IMAGES, 0, 0))
@@ -75,7 +75,7 @@ def _assert_same_topk(got_rows, got_scores, exact, queries, rows_of_position, k)
 
 
 def test_index_equals_exact_inner_product_top_k(world, tmp_path):
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
 
     _, path, _, _, table, encoder = world
     store = ComponentStore.open(path)
@@ -119,7 +119,7 @@ def _colour_precision(hits, colour, wanted):
 def test_text_through_colour_components_beats_the_full_representation(world, tmp_path):
     """Texts that name a colour and a background: the colour components rank by colour, the full
     representation mixes in the background (which the tiny CLIP encodes strongly)."""
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
     from vitdecomp.synth.generator import BACKGROUND_PHRASES, VOCABULARY
 
     _, path, _, colour, table, encoder = world
@@ -143,7 +143,7 @@ def test_text_through_colour_components_beats_the_full_representation(world, tmp
 
 
 def test_image_query_excludes_itself_and_follows_the_feature(world, tmp_path):
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
 
     _, path, _, colour, table, _ = world
     store = ComponentStore.open(path)
@@ -179,9 +179,9 @@ def test_image_query_excludes_itself_and_follows_the_feature(world, tmp_path):
 
 def _other_store(tmp_path, labels, dim):
     """A small store with the same components but other content (random values)."""
-    from vitdecomp.labels import parse_label
-    from vitdecomp.stack import ComponentStack
-    from vitdecomp.store import ComponentStore, StoreConfig
+    from vitdecomp.core.labels import parse_label
+    from vitdecomp.core.stack import ComponentStack
+    from vitdecomp.store.component_store import ComponentStore, StoreConfig
 
     cfg = StoreConfig(model="other", weights="random", n_items=8, batch_size=8)
     store = ComponentStore.create_or_open(tmp_path / "other.zarr", cfg, labels=labels, comp_shape=(len(labels), dim))
@@ -193,7 +193,7 @@ def _other_store(tmp_path, labels, dim):
 
 
 def test_index_is_built_once_reused_and_belongs_to_its_store(world, tmp_path, monkeypatch):
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
 
     _, path, _, _, table, _ = world
     store = ComponentStore.open(path)
@@ -232,7 +232,7 @@ def test_cli_writes_results_json_and_grid(world, tmp_path, capsys):
     from PIL import Image
 
     from vitdecomp.report.figures import label_height
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
 
     _, path, data, colour, _, _ = world
     out = tmp_path / "text"

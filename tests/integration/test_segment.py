@@ -1,4 +1,4 @@
-"""Segmentation harness (vitdecomp.segment_run, `vitdecomp segment`) on synthetic scenes with exact masks."""
+"""Segmentation harness (vitdecomp.apps.segmentation.harness, `vitdecomp segment`) on synthetic scenes with exact masks."""
 from __future__ import annotations
 
 import json
@@ -13,12 +13,12 @@ from PIL import Image
 import vitdecomp as vd
 from vitdecomp.data.datasets import ImageNetSegmentation
 from vitdecomp.errors import InputError
-from vitdecomp.relevance import attention_gradcam, chefer_relevance, text_head
-from vitdecomp.segment_run import METHODS, SegmentationPairs, load_item, run_segmentation
-from vitdecomp.segmentation import SegmentationMetrics, resize_pair
+from vitdecomp.apps.segmentation.relevance import attention_gradcam, chefer_relevance, text_head
+from vitdecomp.apps.segmentation.harness import METHODS, SegmentationPairs, load_item, run_segmentation
+from vitdecomp.apps.segmentation.metrics import SegmentationMetrics, resize_pair
 from vitdecomp.synth.bench import make_sample
 from vitdecomp.synth.generator import VOCABULARY, describe
-from vitdecomp.synth.weights import shipped_path
+from vitdecomp.core.shipped import shipped_path
 from vitdecomp.testing.gtsegs import write_gtsegs
 
 pytest.importorskip("h5py")
@@ -35,7 +35,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def head(model):
-    from vitdecomp.text import text_encoder, zero_shot_head
+    from vitdecomp.interpret.text import text_encoder, zero_shot_head
 
     return text_head(model, zero_shot_head(text_encoder(model), COLOURS, "plain"), names=COLOURS)
 
@@ -75,8 +75,8 @@ def mat_result(model, head, data):
 
 def _independent_metrics(model, head, images, masks) -> dict[str, dict[str, float]]:
     """Maps from the one-call functions (and the decomposition written out here), scored image by image."""
-    from vitdecomp.attention_maps import raw_attention, rollout
-    from vitdecomp.heatmap import token_heatmap
+    from vitdecomp.apps.segmentation.attention import raw_attention, rollout
+    from vitdecomp.apps.heatmap import token_heatmap
 
     prep = model.preprocessing
     pix, small = [], []

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from vitdecomp.synth.tiny import read_sidecar
-from vitdecomp.synth.weights import SHIPPED, load_shipped, shipped_path
+from vitdecomp.core.tiny import read_sidecar
+from vitdecomp.core.shipped import SHIPPED, load_shipped, shipped_path
 
 
 @pytest.mark.parametrize("kind", sorted(SHIPPED))

@@ -13,9 +13,9 @@ import pytest
 import vitdecomp as vd
 from vitdecomp.cli.main import main
 from vitdecomp.errors import InputError
-from vitdecomp.loading import load_recorded
-from vitdecomp.model import WeightsUnavailableError
-from vitdecomp.synth.weights import SHIPPED
+from vitdecomp.core.loading import load_recorded
+from vitdecomp.core.model import WeightsUnavailableError
+from vitdecomp.core.shipped import SHIPPED
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_synth_names_load_the_shipped_models():
 def test_synth_folder_spec_loads_a_trained_copy(tmp_path):
     import shutil
 
-    from vitdecomp.synth.weights import shipped_path
+    from vitdecomp.core.shipped import shipped_path
 
     copy = tmp_path / "my-swin"
     shutil.copytree(shipped_path("swin"), copy)
@@ -96,7 +96,7 @@ def test_models_lists_the_shipped_models_with_accuracy(capsys):
 
 
 def test_store_records_the_shipped_model(clip_store):
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
 
     st = ComponentStore.open(clip_store)
     assert st.config.model == "synth:clip" and st.config.weights.startswith("shipped:clip@sha256:")
@@ -136,7 +136,7 @@ def test_no_pretrained_against_a_pretrained_record_is_refused(clip_store, capsys
 
 
 def test_random_weights_that_changed_are_detected(random_store):
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
 
     st = ComponentStore.open(random_store)
     load_recorded(st.config.model, st.config.weights, weights_digest=st.config.extra["weights_digest"])  # ok

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitdecomp import debias as db
+from vitdecomp.apps import debias as db
 from vitdecomp.errors import InputError
-from vitdecomp.segment_run import SegmentationPairs
+from vitdecomp.apps.segmentation.harness import SegmentationPairs
 from vitdecomp.synth.dataset import generate_dataset, read_factors, read_masks, read_task
 from vitdecomp.synth.generator import VOCABULARY, Scene, describe, render_array
 
@@ -21,7 +21,7 @@ GROUPS = (("red", "orange", "yellow"), ("green", "blue", "purple", "white"))
 
 
 def _spec() -> str:
-    from vitdecomp.synth.weights import shipped_path
+    from vitdecomp.core.shipped import shipped_path
 
     return f"open_clip:local-dir:{shipped_path('clip')}"
 
@@ -111,10 +111,12 @@ def test_debias_texts_of_a_generated_world_are_its_own(tmp_path):
     assert task["task"] == "colour" and task["spurious_factor"] == "background" and task["places"] == ["land", "water"]
     assert task["place_texts"] == ["an object on land", "an object on water"]
 
-    # a world generated before task.json existed: the same texts, derived from summary.json
+    # without task.json the root is read as real Waterbirds (its shipped texts), never half-guessed
+    saved = (root / "task.json").read_text()
     (root / "task.json").unlink()
-    derived = db.dataset_texts(root)
-    assert derived.class_names == texts.class_names and derived.source == str(root / "summary.json")
+    assert db.dataset_texts(root).source == "waterbirds"
+    (root / "task.json").write_text(saved)
+    assert db.dataset_texts(root).class_names == texts.class_names
     # a malformed sidecar is a clear error
     (root / "task.json").write_text('{"format": {"name": "something-else"}}')
     with pytest.raises(InputError, match="task description"):

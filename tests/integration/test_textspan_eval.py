@@ -1,6 +1,6 @@
-"""TextSpan evaluation (METHOD §5): zero-shot accuracy with heads replaced by their m-text
+"""TextSpan evaluation (docs/method.md §5): zero-shot accuracy with heads replaced by their m-text
 reconstructions, on a store of the shipped tiny CLIP; and `vitdecomp label --evaluate`.
-Also `vitdecomp align --match-rate` (METHOD §3 metric (b)) on a store of the shipped tiny ViT."""
+Also `vitdecomp align --match-rate` (docs/method.md §3 metric (b)) on a store of the shipped tiny ViT."""
 from __future__ import annotations
 
 import json
@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from vitdecomp.cli.main import main
-from vitdecomp.synth.weights import shipped_path
+from vitdecomp.core.shipped import shipped_path
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     import vitdecomp as vd
-    from vitdecomp.store import ComponentStore
+    from vitdecomp.store.component_store import ComponentStore
     from vitdecomp.synth import generate_dataset
-    from vitdecomp.text import text_encoder, zero_shot_head
+    from vitdecomp.interpret.text import text_encoder, zero_shot_head
 
     root = tmp_path_factory.mktemp("tseval")
     generate_dataset(root / "data", 48, seed=1, task="colour", splits=(48, 0, 0))
@@ -49,8 +49,8 @@ def _heads(labels, layers):
 
 
 def test_full_basis_is_the_identity_and_no_text_is_mean_ablation(setup):
-    from vitdecomp.ablate import accuracy_over_batches
-    from vitdecomp.textspan import reconstruction_accuracy, textspan_heads
+    from vitdecomp.interpret.ablate import accuracy_over_batches
+    from vitdecomp.interpret.textspan import reconstruction_accuracy, textspan_heads
 
     st, mom = setup["store"], setup["moments"]
     labels = list(st.labels)
@@ -90,8 +90,8 @@ def test_full_basis_is_the_identity_and_no_text_is_mean_ablation(setup):
 
 
 def test_accuracy_equals_in_memory_reconstruction(setup):
-    from vitdecomp.text import zero_shot_logits
-    from vitdecomp.textspan import reconstruct, reconstruction_accuracy, textspan_heads
+    from vitdecomp.interpret.text import zero_shot_logits
+    from vitdecomp.interpret.textspan import reconstruct, reconstruction_accuracy, textspan_heads
 
     st, mom = setup["store"], setup["moments"]
     labels = list(st.labels)
@@ -129,9 +129,9 @@ def test_accuracy_equals_in_memory_reconstruction(setup):
 
 def test_label_evaluate_cli(setup, tmp_path, capsys):
     import vitdecomp as vd
-    from vitdecomp.text import text_encoder
-    from vitdecomp.text.pools import load_pool
-    from vitdecomp.textspan import reconstruction_accuracy, textspan_heads
+    from vitdecomp.interpret.text import text_encoder
+    from vitdecomp.interpret.text.pools import load_pool
+    from vitdecomp.interpret.textspan import reconstruction_accuracy, textspan_heads
 
     target = tmp_path / "labels.json"
     argv = ["label", str(setup["path"]), "--pool", "feature/colour", "--m", "1", "--layers", "2", "--evaluate",
@@ -161,12 +161,12 @@ def test_label_evaluate_cli(setup, tmp_path, capsys):
 
 def test_align_match_rate_cli(setup, tmp_path):
     import vitdecomp as vd
-    from vitdecomp.align import CompAlign
-    from vitdecomp.dataset_run import decompose_dataset
-    from vitdecomp.store import ComponentStore, RunningMoments
-    from vitdecomp.synth.weights import load_shipped
-    from vitdecomp.text import text_encoder, zero_shot_head
-    from vitdecomp.textspan import textspan_match_rate
+    from vitdecomp.interpret.align import CompAlign
+    from vitdecomp.store.dataset_run import decompose_dataset
+    from vitdecomp.store.component_store import ComponentStore, RunningMoments
+    from vitdecomp.core.shipped import load_shipped
+    from vitdecomp.interpret.text import text_encoder, zero_shot_head
+    from vitdecomp.interpret.textspan import textspan_match_rate
 
     vit = load_shipped("vit")
     vit_path = tmp_path / "vit.zarr"

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitdecomp.ablate import ablate, layer_curve, reference_means
+from vitdecomp.interpret.ablate import ablate, layer_curve, reference_means
 from vitdecomp.errors import InputError
-from vitdecomp.labels import ComponentLabel
-from vitdecomp.stack import ComponentStack
+from vitdecomp.core.labels import ComponentLabel
+from vitdecomp.core.stack import ComponentStack
 
 LABELS = (ComponentLabel("embed"), ComponentLabel("head", layer=0, head=0), ComponentLabel("head", layer=0, head=1),
           ComponentLabel("mlp", layer=0), ComponentLabel("head", layer=1, head=0), ComponentLabel("mlp", layer=1),

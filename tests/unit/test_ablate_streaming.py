@@ -6,19 +6,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vitdecomp.ablate import (
+from vitdecomp.interpret.ablate import (
     ablate,
     ablate_values,
     ablate_with_means,
     accuracy_over_batches,
     curve_sets,
     layer_curve,
-    plot_curves,
     reference_means,
 )
 from vitdecomp.errors import InputError
-from vitdecomp.labels import ComponentLabel
-from vitdecomp.stack import ComponentStack
+from vitdecomp.core.labels import ComponentLabel
+from vitdecomp.core.stack import ComponentStack
 
 LABELS = (ComponentLabel("embed"), ComponentLabel("head", layer=0, head=0), ComponentLabel("head", layer=0, head=1),
           ComponentLabel("mlp", layer=0), ComponentLabel("head", layer=1, head=0), ComponentLabel("mlp", layer=1),
@@ -103,8 +102,10 @@ def test_resample_uses_the_drawn_rows_and_errors():
 
 
 def test_plot_curves_draws_one_series_per_curve():
+    from vitdecomp.report.figures import ablation_curves as plot_curves
+
     svg = plot_curves({"from_last": [(0, 0.9), (1, 0.5), (2, 0.1)], "from_first": [(0, 0.9), (2, None)]})
     assert svg.startswith("<svg") and svg.count('class="series"') == 2
     assert "from_last" in svg and "from_first" in svg
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         plot_curves({})

@@ -1,4 +1,4 @@
-"""vitdecomp.align (CompAlign) on planted synthetic data (no models)."""
+"""vitdecomp.interpret.align (CompAlign) on planted synthetic data (no models)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vitdecomp import ComponentLabel, ComponentStack, InputError
-from vitdecomp.align import (
+from vitdecomp.interpret.align import (
     AlignConfig,
     AlignmentInfeasibleError,
     CompAlign,
@@ -315,7 +315,7 @@ def test_bad_batches_raise() -> None:
 # ------------------------------------------------------------------ store source
 def test_store_batches_feed_fit(tmp_path: Path) -> None:
     pytest.importorskip("zarr")
-    from vitdecomp.store import ComponentStore, StoreConfig
+    from vitdecomp.store.component_store import ComponentStore, StoreConfig
 
     truth = _scaled_orthogonal(23)
     c, y = _planted(truth, n=400)

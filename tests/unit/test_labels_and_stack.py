@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vitdecomp import ComponentLabel, ComponentStack, DecompositionError, InputError, parse_label
-from vitdecomp.stack import TokenInfo
+from vitdecomp.core.stack import TokenInfo
 
 
 def _labels(n_layers: int, n_heads: int) -> tuple[ComponentLabel, ...]:

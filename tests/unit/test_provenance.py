@@ -1,4 +1,4 @@
-"""vitdecomp.provenance: run records that pin a result to its inputs."""
+"""vitdecomp.store.provenance: run records that pin a result to its inputs."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from vitdecomp import ComponentLabel, ComponentStack
-from vitdecomp.provenance import check_inputs, file_record, jsonable, run_record, store_record, write_json
-from vitdecomp.store import ComponentStore, StoreConfig
+from vitdecomp.store.provenance import check_inputs, file_record, jsonable, run_record, store_record, write_json
+from vitdecomp.store.component_store import ComponentStore, StoreConfig
 
 LABELS = (ComponentLabel("embed"), ComponentLabel("head", 0, head=0), ComponentLabel("mlp", 0))
 

@@ -1,4 +1,4 @@
-"""Gradient relevance baselines (vitdecomp.relevance) against direct autograd through explicit attention."""
+"""Gradient relevance baselines (vitdecomp.apps.segmentation.relevance) against direct autograd through explicit attention."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import vitdecomp as vd
 from vitdecomp.errors import InputError
-from vitdecomp.relevance import (
+from vitdecomp.apps.segmentation.relevance import (
     LogitHead,
     attention_gradcam,
     attention_pass,

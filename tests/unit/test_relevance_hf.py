@@ -1,4 +1,4 @@
-"""Gradient relevance (vitdecomp.relevance) on transformers ViTs against plain autograd through eager attention.
+"""Gradient relevance (vitdecomp.apps.segmentation.relevance) on transformers ViTs against plain autograd through eager attention.
 
 The stock models run SDPA; the reference switches them to eager attention and replaces each
 module's ``eager_attention_forward`` by an explicit ``softmax(q k^T * scaling) v`` whose
@@ -13,7 +13,7 @@ import torch
 
 import vitdecomp as vd
 from vitdecomp.errors import UnsupportedModelError
-from vitdecomp.relevance import LogitHead, attention_pass, classifier_head, gradient_support
+from vitdecomp.apps.segmentation.relevance import LogitHead, attention_pass, classifier_head, gradient_support
 from vitdecomp.testing.tiny_models import (
     tiny_hf_clip_vision,
     tiny_hf_dinov2_registers,

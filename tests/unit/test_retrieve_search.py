@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from vitdecomp import retrieve
+from vitdecomp.apps import retrieve
 from vitdecomp.errors import InputError
-from vitdecomp.score import ScoreTable
+from vitdecomp.interpret.score import ScoreTable
 
 
 def _reference(vectors, queries, k, exclude=None):

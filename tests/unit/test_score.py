@@ -1,4 +1,4 @@
-"""vitdecomp.score on random fp64 data: every score against a direct numpy computation."""
+"""vitdecomp.interpret.score on random fp64 data: every score against a direct numpy computation."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vitdecomp import ComponentStack, InputError
-from vitdecomp.score import (
+from vitdecomp.interpret.score import (
     ScoreMoments,
     ScoreTable,
     clip_proxy,
@@ -58,7 +58,7 @@ def moments(data: np.ndarray) -> ScoreMoments:
 
 
 def _direct(x: np.ndarray, basis: np.ndarray, kind: str, z: np.ndarray | None = None) -> np.ndarray:
-    """METHOD §4 scores straight from the data with np.corrcoef / np.cov."""
+    """docs/method.md §4 scores straight from the data with np.corrcoef / np.cov."""
     z = x.sum(1) if z is None else z
     sz = z @ basis.T
     out = []
@@ -82,7 +82,7 @@ def _close(a: np.ndarray, b: np.ndarray, tol: float) -> None:
 
 
 def _stack(x: np.ndarray, labels: tuple[str, ...] = LABELS, reference: np.ndarray | None = None) -> ComponentStack:
-    from vitdecomp.labels import parse_label
+    from vitdecomp.core.labels import parse_label
 
     values = torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2)))
     ref = torch.from_numpy(x.sum(1) if reference is None else reference)
@@ -364,7 +364,7 @@ def test_spearman_hand_computed_with_ties() -> None:
     assert spearman([3, 1, 2], [-30, -10, -20]) == pytest.approx(-1.0)
     assert spearman(np.exp([0.1, 0.5, 0.2, 0.9]), [0.1, 0.5, 0.2, 0.9]) == pytest.approx(1.0)  # rank-invariant
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
-    from vitdecomp.score import _rankdata
+    from vitdecomp.interpret.score import _rankdata
 
     np.testing.assert_array_equal(_rankdata(np.array([10.0, 20, 20, 20, 5, 10])), [2.5, 5, 5, 5, 1, 2.5])
 
@@ -397,7 +397,7 @@ def test_from_stack_and_tokens(data: np.ndarray, moments: ScoreMoments) -> None:
     # a token stack is summed over tokens first
     split = np.stack([0.25 * data, 0.75 * data], axis=2)  # [n, comp, token, d]
     values = torch.from_numpy(np.ascontiguousarray(split.transpose(1, 0, 2, 3)))
-    from vitdecomp.labels import parse_label
+    from vitdecomp.core.labels import parse_label
 
     tok = ComponentStack(values, tuple(parse_label(s) for s in LABELS), torch.from_numpy(data.sum(1)))
     _state_close(ScoreMoments.from_stack(tok), moments, 1e-12)
@@ -407,7 +407,7 @@ def test_from_stack_and_tokens(data: np.ndarray, moments: ScoreMoments) -> None:
 
 def test_from_store_equals_from_stack(tmp_path: Path, data: np.ndarray) -> None:
     pytest.importorskip("zarr")
-    from vitdecomp.store import ComponentStore, StoreConfig
+    from vitdecomp.store.component_store import ComponentStore, StoreConfig
 
     n, batch = 40, 16
     x = data[:n].astype(np.float32).astype(np.float64)  # what a float32 store returns

@@ -1,4 +1,4 @@
-"""Chefer-compatible segmentation metrics (METHOD §6.5), checked against hand-computed values.
+"""Chefer-compatible segmentation metrics (docs/method.md §6.5), checked against hand-computed values.
 
 The 4x4 example below is worked out by hand in the comments (exact fractions), so a wrong
 threshold (>= instead of >), per-image instead of dataset IoU, per-channel instead of
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from vitdecomp.errors import InputError
-from vitdecomp.segmentation import SegmentationMetrics, average_precision, normalise_relevance, resize_pair
+from vitdecomp.apps.segmentation.metrics import SegmentationMetrics, average_precision, normalise_relevance, resize_pair
 
 # Relevance in units of 1/8 after min-max normalisation (min 0, max 8): every score and every
 # 1 - score is a dyadic number, so ties between the two channels are exact in floating point.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vitdecomp import ComponentLabel, ComponentStack, InputError
-from vitdecomp.store import ComponentStore, RunningMoments, StoreConfig, StoreMismatchError, StoreRows
+from vitdecomp.store.component_store import ComponentStore, RunningMoments, StoreConfig, StoreMismatchError, StoreRows
 
 N_ITEMS, BATCH, D = 10, 4, 6  # chunks of 4, 4, 2 rows
 
@@ -226,7 +226,7 @@ def test_round_trip_precision(tmp_path: Path, dtype: str) -> None:
 
 
 def test_token_store_round_trip(tmp_path: Path) -> None:
-    from vitdecomp.stack import TokenInfo
+    from vitdecomp.core.stack import TokenInfo
 
     tokens = TokenInfo(types=("cls", "patch", "patch"), grid=(1, 2))
     cfg = _config(granularity="head_token", n_items=3, batch_size=2)

@@ -8,9 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from vitdecomp.errors import InputError  # noqa: E402
-from vitdecomp.labels import ComponentLabel  # noqa: E402
-from vitdecomp.score import ScoreTable  # noqa: E402
-from vitdecomp.stack import ComponentStack  # noqa: E402
+from vitdecomp.core.labels import ComponentLabel  # noqa: E402
+from vitdecomp.interpret.score import ScoreTable  # noqa: E402
+from vitdecomp.core.stack import ComponentStack  # noqa: E402
 from vitdecomp.synth import bench  # noqa: E402
 from vitdecomp.synth.generator import SCENE_FACTORS, VOCABULARY  # noqa: E402
 
@@ -136,7 +136,7 @@ def shipped_clip():
     pytest.importorskip("open_clip")
     pytest.importorskip("safetensors")
     pytest.importorskip("sklearn")
-    from vitdecomp.synth.weights import load_shipped
+    from vitdecomp.core.shipped import load_shipped
 
     return load_shipped("clip")
 
@@ -199,9 +199,9 @@ def test_spurious_splits_are_biased_train_and_balanced_val_test(clip_spurious):
 def test_spurious_selection_is_the_top_contrastive_candidates_recomputed(shipped_clip, clip_spurious):
     """Full (unprojected) moments of the val stack, the texts embedded again: the same top-3 candidates;
     the variance control is the top-3 by val total variance computed directly."""
-    from vitdecomp.debias import candidate_mask, embed_texts
-    from vitdecomp.score import ScoreMoments, feature_basis, score_table
-    from vitdecomp.text import text_encoder
+    from vitdecomp.apps.debias import candidate_mask, embed_texts
+    from vitdecomp.interpret.score import ScoreMoments, feature_basis, score_table
+    from vitdecomp.interpret.text import text_encoder
 
     out, splits = clip_spurious
     val = splits[bench.SPURIOUS_STREAMS["val"]].stack
@@ -222,10 +222,10 @@ def test_spurious_selection_is_the_top_contrastive_candidates_recomputed(shipped
 
 def test_spurious_figures_equal_sklearn_and_ablate_by_hand(clip_spurious):
     """Logistic regression fitted by hand on train, predictions on the test representation with the
-    components replaced by their val means (vitdecomp.ablate), groups counted by hand."""
+    components replaced by their val means (vitdecomp.interpret.ablate), groups counted by hand."""
     from sklearn.linear_model import LogisticRegression
 
-    from vitdecomp.ablate import ablate
+    from vitdecomp.interpret.ablate import ablate
 
     out, splits = clip_spurious
     train, val, test = (splits[bench.SPURIOUS_STREAMS[s]] for s in ("train", "val", "test"))
@@ -282,7 +282,7 @@ def test_spurious_selection_reads_val_only_not_train_or_test(shipped_clip, monke
 
 
 def test_in_memory_debias_input_errors(clip_spurious):
-    from vitdecomp import debias as db
+    from vitdecomp.apps import debias as db
 
     _, splits = clip_spurious
     val, test = splits[bench.SPURIOUS_STREAMS["val"]], splits[bench.SPURIOUS_STREAMS["test"]]
@@ -316,7 +316,7 @@ def classifier(tmp_path_factory):
     pytest.importorskip("timm")
     pytest.importorskip("safetensors")
     from vitdecomp.synth.train import train_classifier
-    from vitdecomp.synth.weights import load_shipped
+    from vitdecomp.core.shipped import load_shipped
 
     root = tmp_path_factory.mktemp("weights")
     train_classifier(steps=2, batch_size=8, eval_n=0, spurious=0.95, task="shape", out_path=root / "spurious")
@@ -401,7 +401,7 @@ def test_classifier_spurious_never_selects_the_bias_row(classifier, monkeypatch)
 def test_classifier_spurious_bench_needs_a_classifier_head():
     pytest.importorskip("open_clip")
     import vitdecomp as vd
-    from vitdecomp.synth.tiny import build_tiny_clip
+    from vitdecomp.core.tiny import build_tiny_clip
 
     with pytest.raises(InputError, match="classifier"):
         bench.classifier_spurious_bench(vd.wrap(build_tiny_clip(0).eval()), task="shape",
@@ -410,7 +410,7 @@ def test_classifier_spurious_bench_needs_a_classifier_head():
 
 # ----------------------------------------------------------------------------- shipped weights
 def test_load_shipped_errors(tmp_path):
-    from vitdecomp.synth.weights import load_shipped, shipped_path
+    from vitdecomp.core.shipped import load_shipped, shipped_path
 
     with pytest.raises(InputError, match="vitdecomp synth train clip"):
         load_shipped("clip", tmp_path)
@@ -422,7 +422,7 @@ def test_load_shipped_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- position init, storage
 def test_sincos_grid_shape_amplitude_and_distinct_rows():
-    from vitdecomp.synth.tiny import POSITION_AMPLITUDE, sincos_grid
+    from vitdecomp.core.tiny import POSITION_AMPLITUDE, sincos_grid
 
     g = sincos_grid(16, 5)
     assert g.shape == (25, 16) and g.dtype == torch.float64
@@ -439,7 +439,7 @@ def test_sincos_grid_shape_amplitude_and_distinct_rows():
 
 @pytest.mark.parametrize("shape", [(1, 17, 8), (17, 8), (16, 8)], ids=["timm", "open_clip", "no-cls"])
 def test_sincos_position_init_fills_the_grid_and_zeroes_the_prefix(shape):
-    from vitdecomp.synth.tiny import sincos_grid, sincos_position_init
+    from vitdecomp.core.tiny import sincos_grid, sincos_position_init
 
     pos = torch.nn.Parameter(torch.randn(*shape))
     sincos_position_init(pos)
@@ -452,7 +452,7 @@ def test_sincos_position_init_fills_the_grid_and_zeroes_the_prefix(shape):
 def test_tiny_models_start_from_sincos_positions():
     pytest.importorskip("timm")
     pytest.importorskip("open_clip")
-    from vitdecomp.synth.tiny import build_tiny_clip, build_tiny_vit, sincos_grid
+    from vitdecomp.core.tiny import build_tiny_clip, build_tiny_vit, sincos_grid
 
     codes = sincos_grid(128, 8).float()
     for table in (build_tiny_vit(0).pos_embed.detach()[0], build_tiny_clip(0).visual.positional_embedding.detach()):
@@ -469,7 +469,7 @@ def test_round_to_storage_and_float16_files_round_trip_exactly(tmp_path):
     pytest.importorskip("safetensors")
     from safetensors import safe_open
 
-    from vitdecomp.synth.tiny import VIT_CONFIG, build_tiny_vit, load_tiny, read_sidecar, round_to_storage, save_tiny
+    from vitdecomp.core.tiny import VIT_CONFIG, build_tiny_vit, load_tiny, read_sidecar, round_to_storage, save_tiny
 
     module = build_tiny_vit(3, num_classes=3).eval()
     assert any(not torch.equal(t.half().float(), t) for t in _float_tensors(module))  # the test can fail
@@ -487,7 +487,7 @@ def test_round_to_storage_and_float16_files_round_trip_exactly(tmp_path):
 
 
 def test_round_to_storage_refuses_values_outside_float16():
-    from vitdecomp.synth.tiny import round_to_storage
+    from vitdecomp.core.tiny import round_to_storage
 
     layer = torch.nn.Linear(2, 2)
     with torch.no_grad():

@@ -14,7 +14,7 @@ pytest.importorskip("safetensors")
 import vitdecomp as vd  # noqa: E402
 from vitdecomp.synth import generate_dataset, render_array, sample_scene  # noqa: E402
 from vitdecomp.synth import train as tr  # noqa: E402
-from vitdecomp.synth.tiny import SIDECAR, build_tiny_clip, build_tiny_vit, load_tiny, read_sidecar  # noqa: E402
+from vitdecomp.core.tiny import SIDECAR, build_tiny_clip, build_tiny_vit, load_tiny, read_sidecar  # noqa: E402
 
 FAST = dict(batch_size=8, lr=1e-3)
 

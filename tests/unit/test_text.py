@@ -17,9 +17,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import vitdecomp as vd  # noqa: E402
 from vitdecomp.errors import InputError, UnsupportedModelError  # noqa: E402
-from vitdecomp.synth.tiny import build_tiny_clip  # noqa: E402
+from vitdecomp.core.tiny import build_tiny_clip  # noqa: E402
 from vitdecomp.testing import tiny_hf_clip, tiny_hf_siglip, tiny_open_clip, tiny_timm_vit  # noqa: E402
-from vitdecomp.text import (  # noqa: E402
+from vitdecomp.interpret.text import (  # noqa: E402
     TEMPLATES,
     EmbeddingCache,
     TextEncoder,
@@ -81,7 +81,7 @@ def hf_siglip():
 
 # ----------------------------------------------------------------------------- import
 def test_import_does_not_import_torch():
-    code = "import sys, vitdecomp.text; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    code = "import sys, vitdecomp.interpret.text; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -370,7 +370,7 @@ def _counting_forwards(encoder: TextEncoder) -> list[int]:
 
 
 def test_default_cache_location_env_and_off(monkeypatch, tmp_path):
-    from vitdecomp.text.cache import CACHE_ENV, default_cache, default_cache_dir
+    from vitdecomp.interpret.text.cache import CACHE_ENV, default_cache, default_cache_dir
 
     assert CACHE_ENV == "VITDECOMP_CACHE"
     monkeypatch.setenv("VITDECOMP_CACHE", str(tmp_path / "mine"))
@@ -391,7 +391,7 @@ def test_default_cache_location_env_and_off(monkeypatch, tmp_path):
 
 
 def test_second_encode_is_read_from_disk(monkeypatch, tmp_path, clip_encoder):
-    from vitdecomp.text.cache import default_cache
+    from vitdecomp.interpret.text.cache import default_cache
 
     monkeypatch.setenv("VITDECOMP_CACHE", str(tmp_path))
     encoder = text_encoder(clip_encoder.module)
@@ -419,7 +419,7 @@ def test_second_encode_is_read_from_disk(monkeypatch, tmp_path, clip_encoder):
 
 
 def test_different_weights_never_share_an_entry(monkeypatch, tmp_path):
-    from vitdecomp.text.cache import cache_key
+    from vitdecomp.interpret.text.cache import cache_key
 
     monkeypatch.setenv("VITDECOMP_CACHE", str(tmp_path))
 
@@ -479,7 +479,7 @@ def test_concurrent_writers_of_one_entry_are_harmless(tmp_path):
 def test_corrupt_cache_file_is_ignored_and_rewritten_with_a_log_line(monkeypatch, tmp_path, clip_encoder, caplog):
     import numpy as np
 
-    from vitdecomp.text.cache import default_cache
+    from vitdecomp.interpret.text.cache import default_cache
 
     monkeypatch.setenv("VITDECOMP_CACHE", str(tmp_path))
     encoder = text_encoder(clip_encoder.module)
@@ -488,7 +488,7 @@ def test_corrupt_cache_file_is_ignored_and_rewritten_with_a_log_line(monkeypatch
     path.write_bytes(b"\x00garbage, not an npz")
     default_cache().clear()
     forwards = _counting_forwards(encoder)
-    with caplog.at_level("WARNING", logger="vitdecomp.text.cache"):
+    with caplog.at_level("WARNING", logger="vitdecomp.interpret.text.cache"):
         got = encoder.encode(TEXTS)
     assert torch.equal(got, want) and forwards == [len(TEXTS)]  # recomputed
     assert any(str(path) in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
@@ -499,12 +499,12 @@ def test_corrupt_cache_file_is_ignored_and_rewritten_with_a_log_line(monkeypatch
 
 
 def test_unusable_cache_folder_warns_and_keeps_memory_only(monkeypatch, tmp_path, clip_encoder, caplog):
-    from vitdecomp.text.cache import default_cache
+    from vitdecomp.interpret.text.cache import default_cache
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("VITDECOMP_CACHE", str(blocker))
-    with caplog.at_level("WARNING", logger="vitdecomp.text.cache"):
+    with caplog.at_level("WARNING", logger="vitdecomp.interpret.text.cache"):
         cache = default_cache()
         got = text_encoder(clip_encoder.module).encode(TEXTS)
     assert cache is not None and cache.directory is None and len(cache) == 1
@@ -514,7 +514,7 @@ def test_unusable_cache_folder_warns_and_keeps_memory_only(monkeypatch, tmp_path
 def test_progress_bar_is_delayed_and_off_when_quiet():
     import logging
 
-    from vitdecomp.text.encoders import _progress
+    from vitdecomp.interpret.text.encoders import _progress
 
     with _progress(10, "x") as bar:
         assert bar.delay == 2.0 and not bar.disable

@@ -1,4 +1,4 @@
-"""The shipped text pools and user pool files (vitdecomp.text.pools, vitdecomp.text.make_pools)."""
+"""The shipped text pools and user pool files (vitdecomp.interpret.text.pools, vitdecomp.interpret.text.make_pools)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from vitdecomp.errors import InputError
-from vitdecomp.text import make_pools
-from vitdecomp.text.pools import POOLS, TextPool, feature_sets, list_pools, load_pool, texts_sha256
+from vitdecomp.interpret.text import make_pools
+from vitdecomp.interpret.text.pools import POOLS, TextPool, feature_sets, list_pools, load_pool, texts_sha256
 
-SHIPPED = Path(str(resources.files("vitdecomp.text"))) / "pool_files"
+SHIPPED = Path(str(resources.files("vitdecomp.interpret.text"))) / "pool_files"
 
 # documented size ranges (pools.py docstring / the task): name -> (min, max)
 SIZES = {
@@ -30,7 +30,7 @@ SIZES = {
     "waterbirds/core": (8, 8),
 }
 
-# METHOD §4 "Default feature sets" and "Waterbirds texts", written out again here on purpose
+# docs/method.md §4 "Default feature sets" and "Waterbirds texts", written out again here on purpose
 METHOD_FEATURES = {
     "colour": {"blue", "green", "red", "yellow", "black", "white", "color"},
     "texture": {"rough", "smooth", "furry", "sleek", "slimy", "spiky", "glossy", "texture"},
@@ -56,7 +56,7 @@ def test_registry_lists_every_pool() -> None:
 
 @pytest.mark.parametrize("name", list(SIZES))
 def test_every_pool_loads_clean(name: str, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="vitdecomp.text.pools"):
+    with caplog.at_level(logging.WARNING, logger="vitdecomp.interpret.text.pools"):
         pool = load_pool(name)
     assert not caplog.records, "a shipped pool must load without warnings"
     info = POOLS[name]
@@ -126,7 +126,7 @@ def test_sha256_stable_and_sensitive() -> None:
 def test_user_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "mine.txt"
     path.write_text("# my texts\n\na dog\n  a cat  \n# a comment\na dog\n\na bird\na cat\n", encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="vitdecomp.text.pools"):
+    with caplog.at_level(logging.WARNING, logger="vitdecomp.interpret.text.pools"):
         pool = load_pool(path)
     assert pool.texts == ["a dog", "a cat", "a bird"]
     assert pool.name == "mine" and pool.version is None and pool.source == str(path)

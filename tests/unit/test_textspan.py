@@ -1,4 +1,4 @@
-"""vitdecomp.textspan on synthetic data (no models): covariance form, direct form, heads, reconstruction."""
+"""vitdecomp.interpret.textspan on synthetic data (no models): covariance form, direct form, heads, reconstruction."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vitdecomp import InputError
-from vitdecomp.store import RunningMoments
-from vitdecomp.textspan import (
+from vitdecomp.store.component_store import RunningMoments
+from vitdecomp.interpret.textspan import (
     SpanResult,
     format_table,
     reconstruct,

@@ -1,4 +1,4 @@
-"""TextSpan match rate of CompAlign maps (METHOD §3 metric (b)) on planted data."""
+"""TextSpan match rate of CompAlign maps (docs/method.md §3 metric (b)) on planted data."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vitdecomp.errors import InputError
-from vitdecomp.store import RunningMoments
-from vitdecomp.textspan import textspan_from_moments, textspan_match_rate
+from vitdecomp.store.component_store import RunningMoments
+from vitdecomp.interpret.textspan import textspan_from_moments, textspan_match_rate
 
 N, COMP, D_MODEL, D_CLIP, C, M = 400, 5, 12, 20, 30, 5
 
@@ -77,7 +77,7 @@ def test_wrong_or_random_maps_score_low(planted):
 
 def test_moments_of_mapped_components_are_the_mapped_moments(planted):
     """The function maps the moments (F μ, F Σ Fᵀ); they equal the streamed moments of F c."""
-    from vitdecomp.align import AlignConfig, CompAlign
+    from vitdecomp.interpret.align import AlignConfig, CompAlign
 
     p = planted
     rng = np.random.default_rng(2)

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..model import Model
-    from ..stack import ComponentStack
-    from ..store import ComponentStore
+    from ..core.model import Model
+    from ..core.stack import ComponentStack
+    from ..store.component_store import ComponentStore
 
 __all__ = ["open_complete_store", "add_model_arguments", "pretrained_choice", "load_store_model", "load_alignment_clip", "text_tower",
            "iter_with_progress"]
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def open_complete_store(path: Path, *, role: str = "store") -> ComponentStore:
     """Open a store and require every chunk to be done (exit code 2 otherwise)."""
     from ..errors import InputError
-    from ..store import ComponentStore
+    from ..store.component_store import ComponentStore
 
     if not Path(path).exists():
         raise InputError(f"{role} {path} does not exist (write one with `vitdecomp decompose MODEL DATA --out STORE`)")
@@ -64,12 +64,12 @@ def load_store_model(store: ComponentStore, spec: str | None, checkpoint: Path |
     """The model a store was written with, rebuilt from the store's record (offline-first).
 
     ``spec`` (``--model``) overrides the recorded spec but must name the same model. Weights follow
-    the record (:func:`~vitdecomp.loading.load_recorded`): random init (checked against the recorded
+    the record (:func:`~vitdecomp.core.loading.load_recorded`): random init (checked against the recorded
     digest, no hub access), a shipped tiny model, the same ``checkpoint`` file, or pretrained
     weights from the local cache.
     """
     from ..errors import InputError
-    from ..loading import load_recorded
+    from ..core.loading import load_recorded
 
     model = load_recorded(
         spec or store.config.model, store.config.weights, checkpoint=checkpoint, pretrained=pretrained,
@@ -88,7 +88,7 @@ def load_alignment_clip(align: Any, spec: str | None, *, checkpoint: Path | None
     ``checkpoint`` (a warning notes that the texts come from another CLIP than the maps were fitted to).
     """
     from ..errors import InputError
-    from ..loading import load, load_recorded
+    from ..core.loading import load, load_recorded
 
     recorded, weights = align.meta.get("clip_model"), align.meta.get("clip_weights")
     if spec is None and not recorded:
@@ -107,7 +107,7 @@ def load_alignment_clip(align: Any, spec: str | None, *, checkpoint: Path | None
 def text_tower(model: Model, *, hint: str) -> Any:
     """The model's text encoder; a model without one is bad input here (``hint`` says what to do)."""
     from ..errors import InputError, UnsupportedModelError
-    from ..text import text_encoder
+    from ..interpret.text import text_encoder
 
     try:
         return text_encoder(model)
@@ -118,7 +118,7 @@ def text_tower(model: Model, *, hint: str) -> Any:
 def iter_with_progress(store: ComponentStore, args: argparse.Namespace, desc: str,
                        chunks: list[int] | None = None) -> Iterator[ComponentStack]:
     """``store.iter_batches()`` with a tqdm bar in items on stderr (none with ``-q``)."""
-    from ..dataset_run import _progress
+    from ..store.dataset_run import progress_bar as _progress
 
     bar = _progress(store.n_items, enabled=not getattr(args, "quiet", False), desc=desc)
     try:

@@ -1,4 +1,4 @@
-"""``vitdecomp ablate STORE``: accuracy of a stored decomposition with components ablated (METHOD §6.1).
+"""``vitdecomp ablate STORE``: accuracy of a stored decomposition with components ablated (docs/method.md §6.1).
 
 Two streaming passes over the stores: the reference set first (per-component means, and the linear
 head's normal equations for ``--head linear``), then the evaluated rows, where the unablated point,
@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from ..stack import ComponentStack
-    from ..store import ComponentStore
+    from ..core.stack import ComponentStack
+    from ..store.component_store import ComponentStore
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def components_from_scores(path: Path, *, by: str | None, k: int, variant: str |
     import numpy as np
 
     from ..errors import InputError
-    from ..score import ScoreTable
+    from ..interpret.score import ScoreTable
 
     if not path.is_file():
         raise InputError(f"--top-from {path} does not exist")
@@ -166,10 +166,10 @@ def check_compatible(store: ComponentStore, ref: ComponentStore) -> None:
 
 # ---------------------------------------------------------------------------- passes
 def _uniform(rows: np.ndarray, seed: int) -> np.ndarray:
-    """u(seed, row) in [0, 1) from splitmix64 (as vitdecomp.align.validation_mask, other key)."""
+    """u(seed, row) in [0, 1) from splitmix64 (as vitdecomp.interpret.align.validation_mask, other key)."""
     import numpy as np
 
-    from ..align import _splitmix64
+    from ..interpret.align import splitmix64 as _splitmix64
 
     key = _splitmix64(np.asarray([seed ^ _RESAMPLE_KEY], dtype=np.int64).astype(np.uint64))[0]
     with np.errstate(over="ignore"):
@@ -269,11 +269,12 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from ..ablate import accuracy_over_batches, curve_sets, plot_curves
-    from ..align import validation_mask
+    from ..interpret.ablate import accuracy_over_batches, curve_sets
+    from ..report.figures import ablation_curves
+    from ..interpret.align import validation_mask
     from ..errors import InputError
-    from ..provenance import run_record, write_json
-    from ..text import resolve_templates, zero_shot_head
+    from ..store.provenance import run_record, write_json
+    from ..interpret.text import resolve_templates, zero_shot_head
     from ._common import iter_with_progress, load_store_model, open_complete_store, pretrained_choice, text_tower
 
     directions = [] if args.curve.strip().lower() == "none" else [s.strip() for s in args.curve.split(",") if s.strip()]
@@ -440,7 +441,7 @@ def run(args: argparse.Namespace) -> int:
         if kind == "split":
             ref_record.update(fraction=fraction, seed=split_seed,
                               rule="row r is a reference row when u(seed, r) < fraction, u from a splitmix64 hash "
-                              "of (seed, r) (vitdecomp.align.validation_mask); the other rows are evaluated")
+                              "of (seed, r) (vitdecomp.interpret.align.validation_mask); the other rows are evaluated")
     curves = {d: [{"n_blocks": n, "components": [labels[i] for i in s], **results[f"{d}:{n}"]}
                   for n, s in enumerate(rows)] for d, rows in curve_rows.items()}
     payload: dict[str, Any] = {
@@ -462,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         write_json(args.out / "ablate.json", payload)
         if curves:
-            svg = plot_curves({d: [(p["n_blocks"], p["accuracy"]) for p in pts] for d, pts in curves.items()},
+            svg = ablation_curves({d: [(p["n_blocks"], p["accuracy"]) for p in pts] for d, pts in curves.items()},
                               title=f"cumulative block {args.mode}-ablation ({store.path.name})")
             (args.out / "ablate.svg").write_text(svg + "\n", encoding="utf-8")
         log.info("wrote %s", args.out / "ablate.json")
@@ -471,7 +472,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _jsonable(payload: Any) -> Any:
-    from ..provenance import jsonable
+    from ..store.provenance import jsonable
 
     return jsonable(payload)
 

@@ -1,18 +1,18 @@
-"""``vitdecomp align STORE --clip-store CLIPSTORE --out DIR``: fit CompAlign (METHOD §3) from two stores.
+"""``vitdecomp align STORE --clip-store CLIPSTORE --out DIR``: fit CompAlign (docs/method.md §3) from two stores.
 
 STORE is a decomposition of any model; CLIPSTORE a decomposition of a CLIP model over the same
 images (row ``i`` of both is the same image; only its ``reference`` rows, the CLIP image
 embeddings, are read). The fit streams mini-batches from both stores (one batch in memory) and
 writes:
 
-* ``DIR/compalign.safetensors``: the maps (:meth:`vitdecomp.align.CompAlign.load`), read by
+* ``DIR/compalign.safetensors``: the maps (:meth:`vitdecomp.interpret.align.CompAlign.load`), read by
   ``vitdecomp label STORE --align DIR``;
 * ``DIR/checkpoint`` (+ ``checkpoint.inputs.json``): the training state after every epoch; a
   killed run (or one ended by ``--stop-after``) continues with ``--resume`` and gives the maps
   of an uninterrupted run;
 * ``DIR/align.json``: held-out metrics (mean cosine of the mapped sum with the CLIP embedding,
   orthogonality defect per map, optional zero-shot accuracy of the mapped sum, optional TextSpan
-  match rate ``metrics.textspan_match_rate``, METHOD §3 metric (b), with ``--match-rate``) and the
+  match rate ``metrics.textspan_match_rate``, docs/method.md §3 metric (b), with ``--match-rate``) and the
   run record.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "align",
         parents=parents,
         help="fit CompAlign maps from a model's stored components into a CLIP space",
-        description="Fit one linear map per component (CompAlign, METHOD §3) from STORE's components into the CLIP "
+        description="Fit one linear map per component (CompAlign, docs/method.md §3) from STORE's components into the CLIP "
         "space of CLIPSTORE, so that the mapped sum matches the CLIP image embedding of the same image (cosine "
         "loss), keeping each map close to a scaled isometry. Label-free; rows held out by a seeded hash of the "
         "row index measure the fit. Writes DIR/compalign.safetensors, DIR/align.json and a checkpoint per epoch "
@@ -86,7 +86,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    "from its record)")
     z.add_argument("--no-pretrained", action="store_true", help="random weights for --model (offline)")
     z.add_argument("--templates", default="photo", help="template set for the class names (default photo)")
-    t = p.add_argument_group("TextSpan match rate (METHOD §3 metric (b), optional)")
+    t = p.add_argument_group("TextSpan match rate (docs/method.md §3 metric (b), optional)")
     t.add_argument("--match-rate", action="store_true",
                    help="per head, TextSpan over the model's own classifier rows on the raw components against "
                    "TextSpan over the CLIP embeddings of the class names on the mapped components; writes the mean "
@@ -104,7 +104,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def _map_names(args: argparse.Namespace, labels: list[str]) -> tuple[Any, list[str]]:
     """``(groups or None, one name per map)`` for the chosen sharing."""
-    from ..labels import parse_label
+    from ..core.labels import parse_label
 
     if args.maps == "shared":
         return None, ["shared"]
@@ -121,8 +121,8 @@ def _map_names(args: argparse.Namespace, labels: list[str]) -> tuple[Any, list[s
 
 
 def _config(args: argparse.Namespace, labels: list[str]) -> tuple[Any, list[str]]:
-    """The :class:`~vitdecomp.align.AlignConfig` of the options (AlignConfig's defaults for those left out)."""
-    from ..align import AlignConfig
+    """The :class:`~vitdecomp.interpret.align.AlignConfig` of the options (AlignConfig's defaults for those left out)."""
+    from ..interpret.align import AlignConfig
 
     groups, names = _map_names(args, labels)
     given = {"parametrisation": args.objective, "constraint": args.constraint, "lam": args.lam, "lr": args.lr,
@@ -178,7 +178,7 @@ def _cli_alternatives(exc: Exception) -> str:
 
 
 def _store_identity(store: Any) -> dict[str, Any]:
-    from ..provenance import store_record
+    from ..store.provenance import store_record
 
     rec = store_record(store)
     return {k: rec[k] for k in _STORE_KEYS}
@@ -196,18 +196,18 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..align import (
+    from ..interpret.align import (
         ALIGN_FILE,
         AlignmentInfeasibleError,
-        _done_rows,
+        done_rows as _done_rows,
         fit_compalign,
         paired_rows,
         resolve_constraint,
         store_batches,
         validation_mask,
     )
-    from ..provenance import run_record, write_json
-    from ..store import ComponentStore
+    from ..store.provenance import run_record, write_json
+    from ..store.component_store import ComponentStore
 
     if args.stop_after is not None and args.stop_after < 1:
         raise InputError("--stop-after must be >= 1")
@@ -362,8 +362,8 @@ def _pct(x: float | None) -> str:
 
 def _class_head(args: argparse.Namespace, clip_store: Any, d_clip: int, path: Path | None = None) -> tuple[Any, str]:
     """Zero-shot head ``[n_classes, d_clip]`` of the class names in ``path`` (default ``--classes``)."""
-    from ..loading import load
-    from ..text import text_encoder, zero_shot_head
+    from ..core.loading import load
+    from ..interpret.text import text_encoder, zero_shot_head
     from ._common import load_store_model, pretrained_choice
 
     path = path if path is not None else args.classes
@@ -390,8 +390,8 @@ def _zero_shot(align: Any, source: Any, store: Any, head: Any, config: Any) -> d
     import numpy as np
     import torch
 
-    from ..align import validation_mask
-    from ..text import zero_shot_logits
+    from ..interpret.align import validation_mask
+    from ..interpret.text import zero_shot_logits
 
     n_classes = int(head.shape[0])
     counts = {split: {"n": 0, "aligned": 0, "clip": 0} for split in ("val", "all")}
@@ -435,8 +435,8 @@ def _classifier_rows(store: Any) -> Any:
 
     name = str(store.config.model)
     if name.startswith("tiny:"):
-        from ..synth.tiny import load_tiny
-        from ..synth.weights import shipped_path
+        from ..core.tiny import load_tiny
+        from ..core.shipped import shipped_path
 
         model = load_tiny(shipped_path(name.rsplit(":", 1)[-1]))
     else:
@@ -464,13 +464,13 @@ def _match_inputs(args: argparse.Namespace, store: Any, clip_store: Any, classes
 
 def _match_rate(args: argparse.Namespace, align: Any, source: Any, labels: list[str], config: Any,
                 inputs: dict[str, Any]) -> dict[str, Any]:
-    """TextSpan match rate (:func:`vitdecomp.textspan.textspan_match_rate`) from one pass over the rows of
+    """TextSpan match rate (:func:`vitdecomp.interpret.textspan.textspan_match_rate`) from one pass over the rows of
     ``--match-split``: the model-space moments of the scored components (the mapped moments follow exactly)."""
     import torch
 
-    from ..align import validation_mask
-    from ..store import RunningMoments
-    from ..textspan import textspan_match_rate
+    from ..interpret.align import validation_mask
+    from ..store.component_store import RunningMoments
+    from ..interpret.textspan import textspan_match_rate
 
     comps = ([i for i, n in enumerate(labels) if ".H" in n] if args.match_components == "heads"
              else list(range(len(labels))))

@@ -1,6 +1,6 @@
 """``vitdecomp debias WATERBIRDS_ROOT --model SPEC``: remove a spurious cue by mean-ablating components.
 
-METHOD §6.6 (see :mod:`vitdecomp.debias`): components are ranked on the val split by the
+docs/method.md §6.6 (see :mod:`vitdecomp.apps.debias`): components are ranked on the val split by the
 contrastive text score (places − birds), the top ``k`` are mean-ablated with val means, and
 worst-group / average-group accuracy is reported on the test split against ``k`` random
 components (several seeded draws) and the top ``k`` by variance.
@@ -8,12 +8,12 @@ components (several seeded draws) and the top ``k`` by variance.
 Texts: by default the Waterbirds ones (``landbird`` / ``waterbird``, the shipped
 ``waterbirds/spurious`` and ``waterbirds/core`` pools, ``photo`` templates); a root written by
 ``vitdecomp synth generate --spurious P`` brings its own in ``task.json`` (its class factor's
-describe() texts per class, its background texts; :func:`vitdecomp.debias.dataset_texts`).
+describe() texts per class, its background texts; :func:`vitdecomp.apps.debias.dataset_texts`).
 ``--class-names``, ``--spurious``, ``--core`` and ``--templates`` override either; ``debias.json``
 records the texts used under ``"texts"``.
 
 Stores: ``--store-dir DIR`` makes (or resumes, or reuses) one store per split under
-``DIR/{train,val,test}`` with :func:`vitdecomp.dataset_run.decompose_dataset`; ``--stores TRAIN VAL
+``DIR/{train,val,test}`` with :func:`vitdecomp.store.dataset_run.decompose_dataset`; ``--stores TRAIN VAL
 TEST`` reads existing ones (one store of all splits may be given three times). Writes
 ``debias.json`` (results + run record), ``debias.md`` (table), ``debias.svg`` (chart) and
 ``report.html`` under ``--out``.
@@ -81,8 +81,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def _stores(args: argparse.Namespace, model: Any, opened: list[Any] | None, need_train: bool) -> dict[str, Any]:
     """The stores by split: ``opened`` (--stores), or made / resumed / reused under --store-dir."""
-    from ..dataset_run import decompose_dataset
-    from ..debias import SPLITS
+    from ..store.dataset_run import decompose_dataset
+    from ..apps.debias import SPLITS
 
     if opened is not None:
         return dict(zip(SPLITS, opened))
@@ -111,13 +111,14 @@ def _class_names(args: argparse.Namespace) -> list[list[str]]:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from .. import debias as db
+    from ..apps import debias as db
     from ..errors import InputError
-    from ..loading import load
-    from ..provenance import run_record, write_json
+    from ..core.loading import load
+    from ..store.provenance import run_record, write_json
     from ..report import Figure, Report, Section, Table
-    from ..text.pools import load_pool
-    from ..align import find_alignment
+    from ..report.figures import debias_chart
+    from ..interpret.text.pools import load_pool
+    from ..interpret.align import find_alignment
     from ._common import load_store_model, open_complete_store, pretrained_choice, text_tower
 
     if args.k < 1:
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
     align = None
     if args.align is not None:
-        from ..align import CompAlign
+        from ..interpret.align import CompAlign
 
         align = CompAlign.load(find_alignment(args.align))
         encoder = text_tower(load(args.text_model, device=args.device), hint="--text-model must be a CLIP model")
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         **result.to_json(),
     }
     table = result.format_table()
-    svg = result.bar_chart(title=f"Waterbirds test: {model.name}, {head.kind} head")
+    svg = debias_chart(result, title=f"Waterbirds test: {model.name}, {head.kind} head")
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "debias.json", payload)
     (args.out / "debias.md").write_text(table + "\n", encoding="utf-8")
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     )
     report.write(args.out / "report.html")
     if args.json:
-        from ..provenance import jsonable
+        from ..store.provenance import jsonable
 
         sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n")
     else:

@@ -2,7 +2,7 @@
 
 With ``--out STORE`` (a directory or ``*.zarr``, anything but ``.safetensors``) the input is a
 dataset and the components are streamed into a resumable on-disk store instead
-(:func:`vitdecomp.dataset_run.decompose_dataset`); under ``torchrun`` every rank writes its
+(:func:`vitdecomp.store.dataset_run.decompose_dataset`); under ``torchrun`` every rank writes its
 own chunks of the same store. Ctrl-C there ends the run with one line saying how many chunks are
 kept in the store (exit code 130); running the same command again resumes from them.
 """
@@ -116,8 +116,8 @@ def run_dataset(args: argparse.Namespace) -> int:
 
     import vitdecomp as vd
 
-    from ..dataset_run import decompose_dataset
-    from ..distributed import dist_info, init_process_group, rank_device, shutdown
+    from ..store.dataset_run import decompose_dataset
+    from ..store.distributed import dist_info, init_process_group, rank_device, shutdown
     from ..errors import InputError
 
     if len(args.inputs) != 1:
@@ -174,7 +174,7 @@ def interrupted_message(out: Path) -> str:
     A chunk is kept once its done record is written (the last step of writing it), so the count
     read back from the store is exactly what a rerun will not recompute.
     """
-    from ..store import ComponentStore
+    from ..store.component_store import ComponentStore
 
     try:
         store = ComponentStore.open(out)

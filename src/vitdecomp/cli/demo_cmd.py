@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 #: Loggers whose INFO lines (the numbered stages, long text encodings) the demo shows without -v.
-_PROGRESS_LOGGERS = ("vitdecomp.demo", "vitdecomp.text")
+_PROGRESS_LOGGERS = ("vitdecomp.synth.demo", "vitdecomp.interpret.text")
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -41,7 +41,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import DemoConfig, run_demo
+    from ..synth.demo import DemoConfig, run_demo
     from ..errors import InputError
 
     if (args.model is None) != (args.images is None):

@@ -1,6 +1,6 @@
 """``vitdecomp heatmap IMAGE... --model SPEC --text T``: where in each image components write along a direction.
 
-Per image, the signed token map ``h_t = <y, sum_{i in I} c_{i,t}>`` (METHOD §6.4) of the chosen
+Per image, the signed token map ``h_t = <y, sum_{i in I} c_{i,t}>`` (docs/method.md §6.4) of the chosen
 components ``I`` along ``y`` (a text embedding, a contrast ``y1 - y2``, or a classifier's class
 weight), drawn over the image at its original size (the model's resize/centre-crop undone, the
 pixels it never saw greyed out), with the prefix tokens (CLS, registers) beside the map and a
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from ..align import CompAlign
-    from ..model import Model
-    from ..stack import ComponentStack
+    from ..interpret.align import CompAlign
+    from ..core.model import Model
+    from ..core.stack import ComponentStack
 
 JSON_NAME = "heatmaps.json"
 #: Default ``--max-side``: longest side of a written overlay, in pixels.
@@ -89,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.images import find_images, load_image, record_skip
     from ..errors import InputError, UnsupportedModelError
-    from ..heatmap import crop_box, default_start_layer, fit_overlay, render_original, render_panel, token_heatmap
-    from ..loading import load
-    from ..provenance import run_record, write_json
+    from ..apps.heatmap import crop_box, default_start_layer, fit_overlay, render_original, render_panel, token_heatmap
+    from ..core.loading import load
+    from ..store.provenance import run_record, write_json
 
     _check_args(args)
     paths = find_images(args.images)
@@ -237,8 +237,8 @@ def _direction(args: argparse.Namespace, model: Model) -> dict[str, Any]:
     import torch
 
     from ..errors import InputError
-    from ..heatmap import aligned_directions
-    from ..text import embed_templates, text_encoder
+    from ..apps.heatmap import aligned_directions
+    from ..interpret.text import embed_templates, text_encoder
     from ._common import text_tower
 
     if args.class_index is not None:
@@ -279,11 +279,11 @@ def _direction(args: argparse.Namespace, model: Model) -> dict[str, Any]:
 
 
 def _load_alignment(args: argparse.Namespace, model: Model) -> tuple[CompAlign, str, Path]:
-    """(maps, CLIP spec, file) from ``--align`` (see :func:`~vitdecomp.align.find_alignment`) and
+    """(maps, CLIP spec, file) from ``--align`` (see :func:`~vitdecomp.interpret.align.find_alignment`) and
     ``--clip`` (default: the CLIP recorded in the maps by ``vitdecomp align``)."""
-    from ..align import CompAlign
+    from ..interpret.align import CompAlign
     from ..errors import InputError
-    from ..align import find_alignment
+    from ..interpret.align import find_alignment
 
     file = find_alignment(args.align)
     align = CompAlign.load(file)
@@ -304,7 +304,7 @@ def _stacks(model: Model, pixels: torch.Tensor, direction: dict[str, Any], args:
     import vitdecomp as vd
 
     from ..errors import InputError
-    from ..heatmap import take_columns
+    from ..apps.heatmap import take_columns
 
     rows = direction["rows"].to(device=pixels.device, dtype=dtype)
     kwargs = dict(start_layer=args.start_layer, directions=rows, normalize=args.normalize, dtype=dtype)
@@ -327,7 +327,7 @@ def _stacks(model: Model, pixels: torch.Tensor, direction: dict[str, Any], args:
 def _components(args: argparse.Namespace, stack: ComponentStack) -> list[str]:
     """Canonical labels of the chosen rows (all rows by default)."""
     from ..errors import InputError
-    from ..labels import parse_label
+    from ..core.labels import parse_label
 
     names = stack.names
     if args.component:
@@ -386,12 +386,12 @@ def _parse_layers(text: str) -> set[int]:
 
 
 def _score_table(path: Path, variant: str | None) -> Any:
-    """A :class:`~vitdecomp.score.ScoreTable` from ``vitdecomp score``'s score.json (``tables[variant]``,
+    """A :class:`~vitdecomp.interpret.score.ScoreTable` from ``vitdecomp score``'s score.json (``tables[variant]``,
     default ``corr`` or the first) or from a file holding one table."""
     import json
 
     from ..errors import InputError
-    from ..score import ScoreTable
+    from ..interpret.score import ScoreTable
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))

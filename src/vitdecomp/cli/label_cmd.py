@@ -1,9 +1,9 @@
-"""``vitdecomp label STORE``: label every head of a stored decomposition with text (TextSpan, METHOD §5).
+"""``vitdecomp label STORE``: label every head of a stored decomposition with text (TextSpan, docs/method.md §5).
 
 With ``--evaluate --classes FILE`` the JSON gets an ``"evaluation"`` entry: the zero-shot accuracy over the
 store's rows with every labelled head replaced by its reconstruction from its first ``m`` texts, for each
 ``m`` of ``--m-values``, next to the unablated and mean-ablated accuracies
-(:func:`vitdecomp.textspan.reconstruction_accuracy`)."""
+(:func:`vitdecomp.interpret.textspan.reconstruction_accuracy`)."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +30,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "(`vitdecomp align`) and pass --align DIR: the components are mapped into that CLIP's space and --model "
         "(default: the CLIP the maps were fitted to) embeds the texts. With --evaluate --classes FILE, a second pass "
         "scores the zero-shot accuracy with every labelled head replaced by its reconstruction from its first m "
-        "texts, for each m of --m-values (METHOD §5). Prints a table, or JSON with --json; --out writes the JSON, "
+        "texts, for each m of --m-values (docs/method.md §5). Prints a table, or JSON with --json; --out writes the JSON, "
         "with the run record.",
     )
     p.add_argument("store", type=Path, help="a store written by `vitdecomp decompose ... --out STORE`")
@@ -45,7 +45,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--dedupe", action="store_true", help="a text labels at most one head")
     p.add_argument("--layers", type=int, help="only heads of the last N layers (blocks; for Swin and MaxViT the "
                    "last N blocks counted across stages)")
-    e = p.add_argument_group("evaluation (METHOD §5): zero-shot accuracy with each head replaced by its "
+    e = p.add_argument_group("evaluation (docs/method.md §5): zero-shot accuracy with each head replaced by its "
                              "reconstruction from its first m texts")
     e.add_argument("--evaluate", action="store_true",
                    help="stream the store once more and score, for every m of --m-values, the zero-shot accuracy "
@@ -66,12 +66,12 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from ..provenance import jsonable, run_record, write_json
+    from ..store.provenance import jsonable, run_record, write_json
     from ._common import load_alignment_clip, load_store_model, pretrained_choice
-    from ..store import ComponentStore
-    from ..text import text_encoder
-    from ..text.pools import load_pool
-    from ..textspan import format_table, textspan_heads
+    from ..store.component_store import ComponentStore
+    from ..interpret.text import text_encoder
+    from ..interpret.text.pools import load_pool
+    from ..interpret.textspan import format_table, textspan_heads
 
     if args.m < 1:
         raise InputError("--m must be at least 1")
@@ -145,7 +145,7 @@ def last_layer_heads(labels: Sequence[str], layers: int | None = None) -> list[i
         InputError: ``layers`` below 1.
     """
     from ..errors import InputError
-    from ..labels import parse_label
+    from ..core.labels import parse_label
 
     if layers is not None and layers < 1:
         raise InputError(f"--layers must be at least 1, got {layers}")
@@ -178,15 +178,15 @@ def _parse_m_values(text: str) -> list[int]:
 
 def _evaluate(args: argparse.Namespace, store: Any, align: Any, model: Any, results: list[Any], all_means: Any,
               m_values: list[int]) -> dict[str, Any]:
-    """Zero-shot accuracy of the TextSpan reconstructions (:func:`vitdecomp.textspan.reconstruction_accuracy`)
+    """Zero-shot accuracy of the TextSpan reconstructions (:func:`vitdecomp.interpret.textspan.reconstruction_accuracy`)
     over the store's rows with a known target, in the space the heads were labelled in (the store's, or the
     CLIP space of the maps)."""
     import numpy as np
     import torch
 
     from ..errors import InputError
-    from ..text import resolve_templates, text_encoder, zero_shot_head
-    from ..textspan import reconstruction_accuracy
+    from ..interpret.text import resolve_templates, text_encoder, zero_shot_head
+    from ..interpret.textspan import reconstruction_accuracy
     from ._common import iter_with_progress
     from .ablate_cmd import read_classes
 
@@ -232,9 +232,9 @@ def format_evaluation(ev: dict[str, Any]) -> str:
 
 def _load_align(path: Path, store: Any) -> Any:
     """The CompAlign of ``vitdecomp align --out DIR`` (DIR or the file), checked against ``store``."""
-    from ..align import CompAlign
+    from ..interpret.align import CompAlign
     from ..errors import InputError
-    from ..align import find_alignment
+    from ..interpret.align import find_alignment
 
     file = find_alignment(path)
     align = CompAlign.load(file)
@@ -254,7 +254,7 @@ def _load_align(path: Path, store: Any) -> Any:
 def aligned_moments(store: Any, align: Any, components: list[int]) -> Any:
     """Mean and covariance of the mapped components ``a_c = F_c c_c`` (tokens summed), for
     ``components`` only and in that order: one streaming pass over ``store`` mapping each batch with
-    :meth:`CompAlign.apply <vitdecomp.align.CompAlign.apply>` (memory: one batch and ``k`` covariances
+    :meth:`CompAlign.apply <vitdecomp.interpret.align.CompAlign.apply>` (memory: one batch and ``k`` covariances
     ``[d_clip, d_clip]``)."""
     return _aligned_pass(store, align, components)[0]
 
@@ -264,7 +264,7 @@ def _aligned_pass(store: Any, align: Any, components: list[int]) -> tuple[Any, A
     reference means of ``--evaluate``'s mean-ablation), in the same pass."""
     import torch
 
-    from ..store import RunningMoments
+    from ..store.component_store import RunningMoments
 
     idx = torch.as_tensor(components, dtype=torch.long)
     moments = RunningMoments(len(components), align.d_clip, covariance=True)

@@ -23,7 +23,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapters.base import registered_adapters
+    from ..core.adapters.base import registered_adapters
 
     out = sys.stdout
     out.write("Supported model families:\n")
@@ -40,7 +40,7 @@ def shipped_model_lines() -> list[str]:
     """One line per shipped tiny model: its spec, what it was trained for and its recorded accuracy."""
     import json
 
-    from ..synth.weights import SHIPPED, shipped_path
+    from ..core.shipped import SHIPPED, shipped_path
 
     lines = []
     for kind, what in SHIPPED.items():

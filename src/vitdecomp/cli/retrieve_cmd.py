@@ -1,4 +1,4 @@
-"""``vitdecomp retrieve STORE``: text -> images and image -> images through a feature's components (METHOD §6.2-6.3)."""
+"""``vitdecomp retrieve STORE``: text -> images and image -> images through a feature's components (docs/method.md §6.2-6.3)."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +35,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="nearest images to a text or an image through a feature's components",
         description=_wrap("Ranks the images of STORE by the cosine of a component group's summed contribution "
-        "with a text embedding (--text, METHOD §6.2) or with the same group of a query image (--image, §6.3; "
+        "with a text embedding (--text, docs/method.md §6.2) or with the same group of a query image (--image, §6.3; "
         "the query itself is excluded), next to the full representation for comparison. The group is the "
         "top --top components of --feature (by its correlation score for text queries, its selectivity for "
         "image queries) or an explicit --components list. Per-group float16 indexes (faiss, or an exact numpy "
@@ -56,11 +56,11 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     w.add_argument("--feature", help="the feature whose top components form the group (a name of --features)")
     w.add_argument("--components", help="explicit comma-separated components, e.g. L03.H01,L02.H00")
     g.add_argument("--features", default="default",
-                   help="feature texts: 'default' (METHOD §4 sets), 'synth' (the synthetic world's factors) or "
+                   help="feature texts: 'default' (docs/method.md §4 sets), 'synth' (the synthetic world's factors) or "
                    "a JSON file {name: [texts]} (default: default)")
     g.add_argument("--scores", type=Path, help="score.json of `vitdecomp score` (its corr table) or a ScoreTable "
                    "JSON to rank components with (default: one pass over STORE scores every feature of --features)")
-    g.add_argument("--top", type=int, default=3, help="components per group (default 3, METHOD §6.2)")
+    g.add_argument("--top", type=int, default=3, help="components per group (default 3, docs/method.md §6.2)")
     g.add_argument("--groups", type=int, default=1, help="consecutive groups of --top components (default 1)")
     g.add_argument("--by", choices=("score", "selectivity"),
                    help="rank components by score or selectivity (default: score for --text, selectivity for --image)")
@@ -85,7 +85,7 @@ def _feature_texts(spec: str) -> dict[str, list[str]]:
     from ..errors import InputError
 
     if spec == "default":
-        from ..text.pools import feature_sets
+        from ..interpret.text.pools import feature_sets
 
         return feature_sets()
     if spec == "synth":
@@ -110,8 +110,8 @@ def _score_table(args: argparse.Namespace, store: Any, encoder: Any) -> tuple[An
     import numpy as np
 
     from ..errors import InputError
-    from ..score import ScoreMoments, ScoreTable, feature_basis, score_table
-    from ..text import embed_templates
+    from ..interpret.score import ScoreMoments, ScoreTable, feature_basis, score_table
+    from ..interpret.text import embed_templates
 
     if args.scores is not None:
         try:
@@ -143,7 +143,7 @@ def _score_table(args: argparse.Namespace, store: Any, encoder: Any) -> tuple[An
 
 def _groups(args: argparse.Namespace, store: Any, encoder: Any, by: str) -> tuple[list[Any], dict[str, Any]]:
     from ..errors import InputError
-    from ..retrieve import ComponentGroup, feature_groups, full_group
+    from ..apps.retrieve import ComponentGroup, feature_groups, full_group
 
     groups: list[Any] = []
     info: dict[str, Any] = {}
@@ -218,7 +218,7 @@ def _item(gi: Any, arg: str, roots: list[tuple[str, Path]] | None = None) -> int
 
 def _image_roots(args: argparse.Namespace, store: Any) -> list[tuple[str, Path]]:
     """Dataset roots an --image path may be relative to: --images, then the root the store records."""
-    from ..dataset_run import dataset_root
+    from ..store.dataset_run import dataset_root
 
     roots: list[tuple[str, Path]] = []
     if args.images is not None:
@@ -231,9 +231,9 @@ def _image_roots(args: argparse.Namespace, store: Any) -> list[tuple[str, Path]]
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from ..provenance import run_record, write_json
-    from ..retrieve import build_index, by_image, by_text
-    from ..store import ComponentStore
+    from ..store.provenance import run_record, write_json
+    from ..apps.retrieve import build_index, by_image, by_text
+    from ..store.component_store import ComponentStore
 
     if args.k < 1 or args.top < 1 or args.groups < 1:
         raise InputError("--k, --top and --groups must be at least 1")
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     needs_text = mode == "text" or (args.feature is not None and args.scores is None)
     align = align_rec = None
     if args.align is not None:
-        from ..retrieve import alignment_record
+        from ..apps.retrieve import alignment_record
 
         align, align_rec = alignment_record(args.align)
         if args.feature is not None and args.scores is None:
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     hits_by_group = {}
     if mode == "text":
-        from ..text import embed_templates
+        from ..interpret.text import embed_templates
 
         emb = embed_templates(encoder, args.text, args.templates).numpy()
         for g in groups:
@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
                 log.warning("grid.png not drawn: %s", grid_error)
         write_json(args.out / "results.json", payload)
     if args.json:
-        from ..provenance import jsonable
+        from ..store.provenance import jsonable
 
         sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n")
     else:

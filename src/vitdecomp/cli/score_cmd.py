@@ -1,5 +1,5 @@
 """``vitdecomp score STORE FEATURE...``: score every component of a stored decomposition on text features
-(METHOD §4): ``corr``, ``var_attributed``, ``var_explained``, plus selectivity and contrastive scores."""
+(docs/method.md §4): ``corr``, ``var_attributed``, ``var_explained``, plus selectivity and contrastive scores."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ._common import add_model_arguments
 
 if TYPE_CHECKING:
-    from ..text.pools import TextPool
+    from ..interpret.text.pools import TextPool
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         description="One streaming pass over STORE accumulates the second moments of every component projected "
         "on the features' text directions (memory: one chunk plus comp × k² numbers, k the number of texts); "
         "each feature's texts are embedded with the store model's text tower and orthonormalised, and every "
-        "component gets one score per feature (METHOD §4). A model without a text tower is read through a "
+        "component gets one score per feature (docs/method.md §4). A model without a text tower is read through a "
         "fitted CompAlign (--align, with --model naming the CLIP it maps into). Prints the top components per "
         "feature; --out DIR writes score.json (with a run record) and score.svg.",
     )
@@ -62,7 +62,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def resolve_feature(token: str) -> tuple[str, TextPool, Path | None]:
     """``(name, pool, file or None)`` of a FEATURE argument (feature set, shipped pool, or text file)."""
     from ..errors import InputError
-    from ..text.pools import FEATURE_SETS, POOLS, load_pool
+    from ..interpret.text.pools import FEATURE_SETS, POOLS, load_pool
 
     if token in FEATURE_SETS:
         return token, load_pool(f"feature/{token}"), None
@@ -78,7 +78,7 @@ def resolve_feature(token: str) -> tuple[str, TextPool, Path | None]:
 
 def _features(args: argparse.Namespace) -> tuple[dict[str, TextPool], dict[str, Path]]:
     from ..errors import InputError
-    from ..text.pools import FEATURE_SETS, TextPool, load_pool
+    from ..interpret.text.pools import FEATURE_SETS, TextPool, load_pool
 
     tokens: list[str] = []
     for token in args.features:
@@ -111,10 +111,10 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..errors import InputError
-    from ..provenance import run_record, write_json
-    from ..score import ScoreMoments, feature_basis, score_table
-    from ..text import embed_templates, resolve_templates
-    from ..align import find_alignment
+    from ..store.provenance import run_record, write_json
+    from ..interpret.score import ScoreMoments, feature_basis, score_table
+    from ..interpret.text import embed_templates, resolve_templates
+    from ..interpret.align import find_alignment
     from ._common import (
         iter_with_progress, load_alignment_clip, load_store_model, open_complete_store, pretrained_choice, text_tower,
     )
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     align = None
     if args.align is not None:
-        from ..align import CompAlign
+        from ..interpret.align import CompAlign
 
         align_file = find_alignment(args.align)
         align = CompAlign.load(align_file)
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         import json
 
-        from ..provenance import jsonable
+        from ..store.provenance import jsonable
 
         sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n")
     else:

@@ -1,4 +1,4 @@
-"""``vitdecomp segment``: zero-shot segmentation benchmark (METHOD §6.5), decomposition vs attention baselines."""
+"""``vitdecomp segment``: zero-shot segmentation benchmark (docs/method.md §6.5), decomposition vs attention baselines."""
 from __future__ import annotations
 
 import argparse
@@ -65,7 +65,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _default_classes() -> str | None:
-    from ..text.pools import POOLS
+    from ..interpret.text.pools import POOLS
 
     for name in POOLS:
         if "imagenet" in name.lower():
@@ -77,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
     import vitdecomp as vd
 
     from ..errors import InputError
-    from ..provenance import run_record, write_json
-    from ..relevance import classifier_head, text_head
-    from ..segment_run import SegmentationPairs, format_table, run_segmentation
+    from ..store.provenance import run_record, write_json
+    from ..apps.segmentation.relevance import classifier_head, text_head
+    from ..apps.segmentation.harness import SegmentationPairs, format_table, run_segmentation
 
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
@@ -111,14 +111,14 @@ def run(args: argparse.Namespace) -> int:
                 "(a shipped pool name or a text file with one class name per line)"
             )
     if classes_arg is not None:
-        from ..text.pools import load_pool
+        from ..interpret.text.pools import load_pool
 
         pool = load_pool(classes_arg)
     names = list(pool.texts) if pool is not None else None
     if use_text and world is not None:
         head, names = _world_text_head(model, world, templates)
     elif use_text:
-        from ..text import text_encoder, zero_shot_head
+        from ..interpret.text import text_encoder, zero_shot_head
 
         assert names is not None
         head = text_head(model, zero_shot_head(text_encoder(model), names, templates), names=names)
@@ -167,8 +167,8 @@ def _world_text_head(model: Any, world: dict[str, Any], templates: str) -> tuple
     index is the dataset's label."""
     import torch
 
-    from ..relevance import text_head
-    from ..text import text_encoder, zero_shot_head
+    from ..apps.segmentation.relevance import text_head
+    from ..interpret.text import text_encoder, zero_shot_head
 
     encoder = text_encoder(model)
     rows = []
@@ -183,9 +183,9 @@ def _figures(result: Any, folder: Path) -> list[Path]:
     """One grid per example item: image, mask, then each method's normalised map over the image."""
     import numpy as np
 
-    from ..heatmap import render_overlay
+    from ..apps.heatmap import render_overlay
     from ..report.figures import image_grid
-    from ..segmentation import normalise_relevance
+    from ..apps.segmentation.metrics import normalise_relevance
 
     written = []
     for k, ex in enumerate(result.examples):

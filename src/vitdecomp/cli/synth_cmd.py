@@ -126,7 +126,7 @@ def _train(args: argparse.Namespace) -> int:
 
         _, info = train_clip(args.data, **common)
     else:
-        from ..synth.tiny import SWIN_CONFIG
+        from ..core.tiny import SWIN_CONFIG
         from ..synth.train import train_classifier
 
         spurious = args.spurious if args.model == "spurious" else None
@@ -149,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from ..synth.bench import BenchConfig, run_clip_bench, spurious_bench
-    from ..synth.weights import load_shipped
+    from ..core.shipped import load_shipped
 
     from ..errors import InputError
 
@@ -165,7 +165,7 @@ def _bench(args: argparse.Namespace) -> int:
     result["spurious"] = spurious_bench(clip, classifier, n_train=cfg.n_spurious, n=cfg.n_spurious, k=cfg.top_k,
                                         n_random=cfg.n_random, seed=cfg.seed, batch_size=cfg.batch_size)
     from ..synth.bench import aligned_bench, factor_texts, make_sample
-    from ..text import text_encoder
+    from ..interpret.text import text_encoder
 
     sample, texts = make_sample(cfg.n_images, cfg.seed), factor_texts(text_encoder(clip))
     swin, vit = load_shipped("swin", args.weights), load_shipped("vit", args.weights)

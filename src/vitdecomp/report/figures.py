@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .html import _png_from_pil
+from .html import png_from_pil as _png_from_pil
 
-__all__ = ["image_grid", "label_height", "bar_chart", "line_chart", "png_bytes", "PALETTE"]
+__all__ = ["image_grid", "label_height", "bar_chart", "line_chart", "ablation_curves", "debias_chart", "png_bytes",
+           "PALETTE"]
 
 #: Okabe–Ito colours, in the order series get them (then repeated).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#7F7F7F")
@@ -474,3 +475,45 @@ def line_chart(
     out += _legend(names, positions, legend_y)
     out.append("</svg>")
     return "\n".join(out)
+
+
+def ablation_curves(
+    curves: Mapping[str, Sequence[tuple[float, float | None]]],
+    *,
+    title: str = "cumulative block ablation",
+    xlabel: str = "blocks ablated",
+    ylabel: str = "accuracy",
+    width: int = 640,
+    height: int = 320,
+) -> str:
+    """SVG line chart of cumulative ablation curves (:func:`line_chart`).
+
+    Args:
+        curves: series name -> ``[(n, score), ...]``; x values may differ between series (the
+            chart uses their union; a series is broken where it has no point or a None score).
+
+    Returns:
+        The SVG document as text.
+    """
+    if not curves:
+        raise ValueError("ablation_curves needs at least one curve")
+    xs = sorted({float(n) for points in curves.values() for n, _ in points})
+    ys = {}
+    for name, points in curves.items():
+        lookup = {float(n): (math.nan if v is None else float(v)) for n, v in points}
+        ys[str(name)] = [lookup.get(x, math.nan) for x in xs]
+    return line_chart(xs, ys, title=title, xlabel=xlabel, ylabel=ylabel, width=width, height=height)
+
+def debias_chart(result: Any, title: str = "") -> str:
+    """SVG: worst-group and average-group accuracy of a :class:`~vitdecomp.apps.debias.DebiasResult`:
+    baseline, ablated, variance control, random mean / max."""
+    s = result.random_summary()
+    values = {
+        "baseline": [result.baseline["worst_group"], result.baseline["average_group"]],
+        f"top-{result.k} contrastive": [result.ablated["worst_group"], result.ablated["average_group"]],
+        f"top-{result.k} variance": [result.variance_control["worst_group"], result.variance_control["average_group"]],
+        f"random mean (sd {s['worst_group_sd']:.2f})": [s["worst_group_mean"], s["average_group_mean"]],
+        "random max": [s["worst_group_max"], s["average_group_max"]],
+    }
+    return bar_chart(values, title=title or "Waterbirds test accuracy", ylabel="accuracy",
+                     series=["worst-group", "average-group (unweighted)"], width=720)

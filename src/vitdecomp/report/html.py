@@ -78,7 +78,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real)
 
 
-def _png_from_pil(image: Any) -> bytes:
+def png_from_pil(image: Any) -> bytes:
     """Encode a PIL image as PNG bytes, converting modes PNG cannot store (CMYK, F, ...)."""
     if image.mode not in _PNG_MODES:
         has_alpha = "A" in image.getbands()
@@ -171,7 +171,7 @@ class Figure:
             from PIL import Image
 
             image = Image.fromarray(image)
-        return cls(_png_from_pil(image), caption=caption, alt=alt, width=width)
+        return cls(png_from_pil(image), caption=caption, alt=alt, width=width)
 
     @classmethod
     def from_svg(cls, svg_text: str, caption: str = "", alt: str = "", width: int | None = None) -> Figure:

@@ -36,7 +36,7 @@ _EXPORTS = {
                   "partial_captions", "describe", "sample_scene"),
     "dataset": ("SPLITS", "SPURIOUS_CLASSES", "SPURIOUS_GROUPS", "PLACES", "generate_dataset", "read_factors",
                 "read_masks", "read_task", "task_description"),
-    "tiny": ("build_tiny_clip", "build_tiny_vit", "save_tiny", "load_tiny"),
+    "vitdecomp.core.tiny": ("build_tiny_clip", "build_tiny_vit", "save_tiny", "load_tiny"),
     "train": ("train_clip", "train_classifier", "evaluate_clip", "evaluate_classifier"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -46,7 +46,9 @@ __all__ = sorted(_WHERE)
 
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        module = _WHERE[name]
+        target = module if module.startswith("vitdecomp.") else f"{__name__}.{module}"
+        return getattr(importlib.import_module(target), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

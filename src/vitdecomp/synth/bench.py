@@ -4,17 +4,17 @@ Every image of the synthetic world has known factors (shape, colour, pattern, si
 background) and exact object masks, so the claims of the method can be measured instead of shown:
 
 * **Components per factor.** A tiny CLIP's head-level decomposition ``z = sum_i c_i`` is scored
-  per factor with the streamed correlation score of :mod:`vitdecomp.score` (METHOD §4; the
+  per factor with the streamed correlation score of :mod:`vitdecomp.interpret.score` (docs/method.md §4; the
   factor's texts are :func:`~vitdecomp.synth.generator.describe` phrases). *Factor agreement*:
   zero-shot accuracy of the factor read from the sum of the top-k components alone, against the
   full representation, the top-k components of the *other* factors and k random components.
-* **Retrieval by feature** (METHOD §6.3): precision@10 of image -> image retrieval (cosine of
+* **Retrieval by feature** (docs/method.md §6.3): precision@10 of image -> image retrieval (cosine of
   ``z_p(x) = sum_{i in top-k selective} c_i(x)``) where a hit shares the query's value of the
   factor, against the full representation and k random components.
-* **Zero-shot segmentation** (METHOD §6.5 metrics): the decomposition's token map
+* **Zero-shot segmentation** (docs/method.md §6.5 metrics): the decomposition's token map
   ``m_t = <sum_i c_{i,t}, y_pred - mean_c y_c>`` over the shape texts against the exact
   object masks, against raw last-layer attention and attention rollout in the same harness.
-* **Spurious cue** (METHOD §6.6, :mod:`vitdecomp.debias`): Waterbirds in the synthetic world
+* **Spurious cue** (docs/method.md §6.6, :mod:`vitdecomp.apps.debias`): Waterbirds in the synthetic world
   (class = a group of patterns, place = background), a linear head on the CLIP representation
   trained on a split where the place goes with the class 95 % of the time; components selected on
   a group-balanced *val* set by the contrastive correlation score (background texts minus pattern
@@ -42,8 +42,8 @@ from .generator import SCENE_FACTORS, VOCABULARY, Scene, describe, render_array,
 if TYPE_CHECKING:
     import torch
 
-    from ..model import Model
-    from ..stack import ComponentStack
+    from ..core.model import Model
+    from ..core.stack import ComponentStack
 
 __all__ = ["BENCH_SEED", "BenchConfig", "Sample", "make_sample", "factor_values", "decompose_sample",
            "factor_texts", "component_scores", "factor_agreement", "retrieval_precision", "segmentation_bench", "decomposition_map", "SEGMENT_TEXTS",
@@ -104,7 +104,7 @@ def balanced_labeller(task: str, groups: Sequence[Sequence[str]]) -> Any:
     """Labeller of the spurious task with exactly balanced groups: item ``k`` has ``y = k % 2`` and
     place ``(k // 2) % 2`` (0 land, 1 water), the task value drawn from class ``y``'s group."""
     from .dataset import PLACES
-    from .generator import _pick
+    from .generator import pick as _pick
 
     def label(rng: np.random.Generator, k: int) -> tuple[Scene, int]:
         y, place = k % 2, (k // 2) % 2
@@ -120,7 +120,7 @@ def factor_values(scenes: Sequence[Scene], factor: str) -> np.ndarray:
                      for s in scenes])
 
 
-def _pixels(model: Model, images: np.ndarray) -> torch.Tensor:
+def model_pixels(model: Model, images: np.ndarray) -> torch.Tensor:
     import torch
     from PIL import Image
 
@@ -129,12 +129,10 @@ def _pixels(model: Model, images: np.ndarray) -> torch.Tensor:
 
 def decompose_sample(model: Model, images: np.ndarray, *, batch_size: int = 100, **kwargs: Any) -> ComponentStack:
     """Head-level decomposition of all ``images`` (batched), one stack ``[comp, n, d]`` (checked)."""
-    import torch
+    from ..core.decomposition import decompose
+    from ..core.stack import ComponentStack
 
-    from ..decomposition import decompose
-    from ..stack import ComponentStack
-
-    parts = [decompose(model, _pixels(model, images[i:i + batch_size]), **kwargs)
+    parts = [decompose(model, model_pixels(model, images[i:i + batch_size]), **kwargs)
              for i in range(0, len(images), batch_size)]
     return ComponentStack.concat(parts)
 
@@ -146,7 +144,7 @@ def factor_texts(encoder: Any, factors: Sequence[str] = SCENE_FACTORS) -> dict[s
 
 def component_scores(stack: ComponentStack, texts: dict[str, np.ndarray]) -> Any:
     """Correlation-score table (components x factors) from streamed moments of ``stack``."""
-    from ..score import ScoreMoments, feature_basis, score_table
+    from ..interpret.score import ScoreMoments, feature_basis, score_table
 
     moments = ScoreMoments.from_stack(stack)
     return score_table(moments, {f: feature_basis(t) for f, t in texts.items()}, kind="corr")
@@ -171,7 +169,7 @@ def _scorable(table: Any) -> np.ndarray:
 
 
 def _top(table: Any, factor: str, k: int, *, by: str = "score") -> list[int]:
-    from ..retrieve import top_components
+    from ..apps.retrieve import top_components
 
     return top_components(table, factor, k, by=by)  # type: ignore[arg-type]
 
@@ -215,7 +213,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _precision(features: np.ndarray, labels: np.ndarray, queries: np.ndarray, at: int) -> float:
-    from ..retrieve import exact_search, precision_at_k
+    from ..apps.retrieve import exact_search, precision_at_k
 
     f = _unit(features)
     nearest, _ = exact_search(f, f[queries], at, exclude=queries)  # never retrieves the query itself
@@ -253,23 +251,23 @@ def segmentation_bench(model: Model, sample: Sample, text_sets: dict[str, np.nda
     """Zero-shot segmentation of the objects: decomposition token maps vs raw attention vs rollout.
 
     For each named text set (e.g. the colour or the shape phrases, ``[V, d]`` unit rows), the
-    decomposition map is the CLIP paper's (METHOD §6.5): ``m_t = <sum_{l,h} c_{l,h,t}, y_pred -
+    decomposition map is the CLIP paper's (docs/method.md §6.5): ``m_t = <sum_{l,h} c_{l,h,t}, y_pred -
     mean_c y_c>`` with ``pred`` the model's own zero-shot choice in that set; its row is
     ``"decomposition (NAME texts)"``. Every map is upsampled bilinearly to the image size and
-    scored with :class:`~vitdecomp.segmentation.SegmentationMetrics` against the exact union of
+    scored with :class:`~vitdecomp.apps.segmentation.metrics.SegmentationMetrics` against the exact union of
     the object masks.
     """
     import torch
     import torch.nn.functional as F
 
-    from ..attention_maps import raw_attention, rollout
-    from ..segmentation import SegmentationMetrics
+    from ..apps.segmentation.attention import raw_attention, rollout
+    from ..apps.segmentation.metrics import SegmentationMetrics
 
     names = [f"decomposition ({name} texts)" for name in text_sets]
     metrics = {name: SegmentationMetrics() for name in (*names, "raw_attention", "rollout")}
     size = sample.images.shape[1:3]
     for i in range(0, len(sample.images), batch_size):
-        x = _pixels(model, sample.images[i:i + batch_size])
+        x = model_pixels(model, sample.images[i:i + batch_size])
         maps = {"raw_attention": raw_attention(model, x), "rollout": rollout(model, x)}
         for name, texts in zip(names, text_sets.values()):
             maps[name] = decomposition_map(model, x, torch.from_numpy(texts).float())
@@ -284,9 +282,9 @@ def decomposition_map(model: Model, x: torch.Tensor, texts: torch.Tensor) -> tor
     """``[B, gh, gw]``: each patch's contribution through all heads to ``y_pred - mean_c y_c``.
 
     ``texts`` ``[V, d]``; ``pred`` is the model's own argmax over them. The map of the
-    segmentation harness, :func:`vitdecomp.segment_run.decomposition_map`.
+    segmentation harness, :func:`vitdecomp.apps.segmentation.harness.decomposition_map`.
     """
-    from ..segment_run import decomposition_map as contrastive_map
+    from ..apps.segmentation.harness import decomposition_map as contrastive_map
 
     return contrastive_map(model, x, texts)
 
@@ -306,7 +304,7 @@ def aligned_labeller(task: str, groups: Sequence[Sequence[str]], aligned: float,
     ``y``, the first ``round(aligned * n_y)`` (half up, as :func:`~vitdecomp.synth.dataset.generate_dataset`)
     get place ``y``, the rest ``1 - y``; the task value is drawn from class ``y``'s group."""
     from .dataset import PLACES
-    from .generator import _pick
+    from .generator import pick as _pick
 
     if not 0.0 <= aligned <= 1.0:
         from ..errors import InputError
@@ -324,8 +322,8 @@ def aligned_labeller(task: str, groups: Sequence[Sequence[str]], aligned: float,
 
 
 def _labelled_split(model: Model, n: int, seed: int, stream: int, labeller: Any, batch_size: int) -> Any:
-    """Generate, decompose and label one split: a :class:`~vitdecomp.debias.StackSplit`."""
-    from ..debias import StackSplit
+    """Generate, decompose and label one split: a :class:`~vitdecomp.apps.debias.StackSplit`."""
+    from ..apps.debias import StackSplit
     from .dataset import PLACES
 
     sample = make_sample(n, seed, stream, labeller)
@@ -338,14 +336,14 @@ def spurious_bench(clip: Model, classifier: Model | None = None, *, task: str = 
                    groups: Sequence[Sequence[str]] | None = None, n_train: int = 200, n: int = 200,
                    aligned: float = SPURIOUS_ALIGNED, k: int = 3, n_random: int = 10, seed: int = BENCH_SEED,
                    batch_size: int = 100, templates: str = "synth", n_classifier: int | None = None) -> dict[str, Any]:
-    """Remove the background cue from a linear head on the CLIP representation (METHOD §6.6, :mod:`vitdecomp.debias`).
+    """Remove the background cue from a linear head on the CLIP representation (docs/method.md §6.6, :mod:`vitdecomp.apps.debias`).
 
     Waterbirds layout in memory: class ``y`` = the ``task`` value's group (default pattern: {solid,
     dotted} vs {striped, checkered}), place = background (land / water). A *train* split of
     ``n_train`` scenes has the place aligned with ``y`` in ``aligned`` of each class
     (:func:`aligned_labeller`); *val* and *test* (``n`` scenes each) are exactly balanced over the
     four groups (:func:`balanced_labeller`). All three are decomposed at head level with ``clip``.
-    Then :func:`vitdecomp.debias.debias_stacks`: a logistic-regression head on ``z = Σ_i c_i`` of
+    Then :func:`vitdecomp.apps.debias.debias_stacks`: a logistic-regression head on ``z = Σ_i c_i`` of
     train; the top-``k`` candidates by the contrastive score ``s_{i,background} − s_{i,task}``
     (correlation score, texts :func:`describe` of every background and every task value,
     ``templates``) on val; mean-ablation with val means; worst-group / average-group (unweighted)
@@ -357,14 +355,14 @@ def spurious_bench(clip: Model, classifier: Model | None = None, *, task: str = 
     split, default ``n``): that model learned the background only, so ablation cannot add class
     information (an honest negative result, see :data:`CLASSIFIER_NOTE`).
 
-    Returns the :meth:`~vitdecomp.debias.DebiasResult.to_json` payload with ``before`` (no ablation)
+    Returns the :meth:`~vitdecomp.apps.debias.DebiasResult.to_json` payload with ``before`` (no ablation)
     and ``after`` (the selected set ablated), plus the setting.
     """
-    from ..debias import debias_stacks, embed_texts, fit_linear_head_stack
+    from ..apps.debias import debias_stacks, embed_texts, fit_linear_head_stack
     from ..errors import InputError
-    from ..text import text_encoder
-    from .dataset import _check_groups
-    from .generator import _factor
+    from ..interpret.text import text_encoder
+    from .dataset import check_groups as _check_groups
+    from .generator import canonical_factor as _factor
 
     task = _factor(task)
     pair = _check_groups(task, groups)
@@ -411,8 +409,8 @@ def classifier_spurious_bench(model: Model, *, task: str, groups: Sequence[Seque
     test, worst-group / average-group (unweighted) / sample-weighted accuracy before and after,
     and the same after ablating ``k`` random components (``n_random`` draws: mean, sd, max).
     """
-    from ..ablate import ablate
-    from ..debias import random_sets, top_k
+    from ..interpret.ablate import ablate
+    from ..apps.debias import random_sets, top_k
     from .dataset import PLACES
     from .train import group_accuracy
 
@@ -466,7 +464,7 @@ def _abs_corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_clip_bench(model: Model, config: BenchConfig | None = None) -> dict[str, Any]:
     """The CLIP part of the benchmark: component scores, factor agreement, retrieval, segmentation."""
-    from ..text import text_encoder
+    from ..interpret.text import text_encoder
 
     cfg = config or BenchConfig()
     start = time.perf_counter()
@@ -496,7 +494,7 @@ def run_clip_bench(model: Model, config: BenchConfig | None = None) -> dict[str,
 def aligned_bench(model: Model, clip: Model, sample: Sample, texts: dict[str, np.ndarray], *, k: int = 3,
                   n_random: int = 10, seed: int = BENCH_SEED, batch_size: int = 100, epochs: int = 30) -> dict[
         str, Any]:
-    """Read a non-CLIP model with text through CompAlign (METHOD §3), then check it against the factors.
+    """Read a non-CLIP model with text through CompAlign (docs/method.md §3), then check it against the factors.
 
     The model's head-level decomposition of ``sample`` is mapped into the tiny CLIP's image space by
     per-component linear maps fitted (paper objective: cosine + lambda ||F^T F - I||) to the CLIP
@@ -506,11 +504,11 @@ def aligned_bench(model: Model, clip: Model, sample: Sample, texts: dict[str, np
     """
     import torch
 
-    from ..align import AlignConfig, fit_compalign, validation_mask
+    from ..interpret.align import AlignConfig, fit_compalign, validation_mask
 
     stack = decompose_sample(model, sample.images, batch_size=batch_size)
     with torch.no_grad():
-        targets = torch.cat([clip.representation(_pixels(clip, sample.images[i:i + batch_size]))
+        targets = torch.cat([clip.representation(model_pixels(clip, sample.images[i:i + batch_size]))
                              for i in range(0, len(sample.images), batch_size)]).float()
     values = stack.values.float().movedim(0, 1)  # [n, comp, d]
     rows = torch.arange(values.shape[0])

@@ -20,7 +20,7 @@ Layout of ``out_dir`` written by :func:`generate_dataset`::
 ``open_dataset(out_dir)`` reads everything as Waterbirds (``split=`` selects one), with
 ``y`` = class (0 ``landobject``, 1 ``waterobject``) and ``place`` = background (0 land, 1 water).
 ``vitdecomp segment --pairs out_dir`` reads the images with the union of their object masks
-(:class:`vitdecomp.segment_run.SegmentationPairs`, ``split=`` selects one split).
+(:class:`vitdecomp.apps.segmentation.harness.SegmentationPairs`, ``split=`` selects one split).
 Ids are zero-padded global indices (train first, then val, then test). The same arguments give
 byte-identical files: every item is drawn from its own generator ``default_rng([seed, 0, index])``
 and PNGs are written without timestamps.
@@ -38,14 +38,24 @@ from typing import Any
 
 import numpy as np
 
+from ..data.synthetic import (  # the readers of this layout live with the other readers
+    CLASSES_FILE,
+    FORMAT,
+    SPLITS,
+    TASK_FILE,
+    TASK_FORMAT,
+    read_factors,
+    read_masks,
+    read_task,
+)
 from ..errors import InputError
 from .generator import (
     OBJECT_FACTORS,
     VOCABULARY,
     Scene,
-    _check_value,
-    _factor,
-    _pick,
+    check_value as _check_value,
+    canonical_factor as _factor,
+    pick as _pick,
     caption,
     render_array,
     sample_scene,
@@ -57,7 +67,6 @@ __all__ = ["SPLITS", "SPURIOUS_CLASSES", "SPURIOUS_GROUPS", "PLACES", "FORMAT", 
 log = logging.getLogger(__name__)
 
 #: Split names, in Waterbirds order (split code 0, 1, 2).
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Class names of the spurious variant, y = 0 and y = 1 (sorted, so ImageFolder labels equal y).
 SPURIOUS_CLASSES: tuple[str, str] = ("landobject", "waterobject")
 #: Background of each Waterbirds place code (0 land, 1 water).
@@ -69,12 +78,8 @@ SPURIOUS_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "pattern": (("solid", "dotted"), ("striped", "checkered")),
     "size": (("small",), ("large",)),
 }
-FORMAT = {"name": "vitdecomp-synth", "version": 1}
 #: The task sidecar of a generated dataset (:func:`task_description`) and its format tag.
-TASK_FILE = "task.json"
-CLASSES_FILE = "classes.txt"
-TASK_FORMAT = {"name": "vitdecomp-synth-task", "version": 1}
-#: Template set of the world's texts (:data:`vitdecomp.text.templates.TEMPLATES`): describe() phrases carry
+#: Template set of the world's texts (:data:`vitdecomp.interpret.text.templates.TEMPLATES`): describe() phrases carry
 #: their article, so the templates add none.
 TASK_TEMPLATES = "synth"
 _OUTPUTS = (*SPLITS, "masks", "factors.csv", "metadata.csv", "summary.json", TASK_FILE, CLASSES_FILE)
@@ -96,7 +101,7 @@ def _split_counts(n: int, splits: Sequence[float] | Sequence[int]) -> list[int]:
     return [n - val - test, val, test]
 
 
-def _check_groups(task: str, groups: Sequence[Sequence[str]] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def check_groups(task: str, groups: Sequence[Sequence[str]] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if groups is None:
         if task not in SPURIOUS_GROUPS:
             raise InputError(f"spurious task {task!r} has no default class groups; pass groups=(values_y0, values_y1)")
@@ -204,7 +209,7 @@ def generate_dataset(
             raise InputError(f"spurious must be a probability in [0, 1], got {spurious}")
         if task == "background" or "background" in fixed:
             raise InputError("the spurious variant sets the background itself (land/water)")
-        value_groups = _check_groups(task, groups)
+        value_groups = check_groups(task, groups)
         classes: list[str] = list(SPURIOUS_CLASSES)
         class_values = dict(zip(SPURIOUS_CLASSES, value_groups))
     else:
@@ -337,62 +342,4 @@ def task_description(summary: Mapping[str, Any]) -> dict[str, Any]:
         "templates": TASK_TEMPLATES,
     }
 
-
-def read_task(root: str | Path) -> dict[str, Any] | None:
-    """The task of the generated dataset at ``root`` (:func:`task_description`), or None for any other folder.
-
-    Reads ``root/task.json``; a dataset generated before that file existed gets the description
-    derived from its ``summary.json`` (format ``vitdecomp-synth``).
-
-    Raises:
-        InputError: a ``task.json`` that is not valid JSON or not a task description.
-    """
-    base = Path(root)
-    path = base / TASK_FILE
-    if path.is_file():
-        try:
-            task = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path}: not a readable task description: {exc}") from exc
-        fmt = task.get("format") if isinstance(task, dict) else None
-        if not isinstance(fmt, dict) or fmt.get("name") != TASK_FORMAT["name"]:
-            raise InputError(f"{path}: not a vitdecomp synthetic task description (format {fmt!r})")
-        classes, texts = task.get("classes"), task.get("class_texts")
-        if (not isinstance(classes, list) or not isinstance(texts, list) or len(classes) != len(texts)
-                or len(classes) < 2
-                or not all(isinstance(t, list) and t and all(isinstance(x, str) for x in t) for t in texts)):
-            raise InputError(f"{path}: 'classes' and 'class_texts' must be lists of the same length (>= 2), "
-                             "one non-empty list of texts per class")
-        return task
-    summary_path = base / "summary.json"
-    if not summary_path.is_file():
-        return None
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    fmt = summary.get("format") if isinstance(summary, dict) else None
-    if not isinstance(fmt, dict) or fmt.get("name") != FORMAT["name"]:
-        return None
-    return task_description(summary)
-
-
-def read_factors(root: str | Path) -> list[dict[str, str]]:
-    """Rows of ``root/factors.csv`` as dicts of strings (``Scene.from_factors(row)`` rebuilds the scene)."""
-    path = Path(root) / "factors.csv"
-    if not path.is_file():
-        raise InputError(f"{path} not found: not a dataset written by generate_dataset")
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def read_masks(root: str | Path, row: Mapping[str, str]) -> list[np.ndarray]:
-    """The object masks of one ``factors.csv`` row: bool ``[H, W]`` each, in object order."""
-    from PIL import Image
-
-    masks = []
-    for rel in filter(None, row["masks"].split(";")):
-        with Image.open(Path(root) / rel) as im:
-            masks.append(np.asarray(im.convert("L")) > 127)
-    return masks
 

@@ -77,7 +77,7 @@ _ALIASES = {"color": "colour", "texture": "pattern", "place": "background", "bg"
 _JITTER = 0.05
 
 
-def _factor(name: str) -> str:
+def canonical_factor(name: str) -> str:
     """Canonical factor name (accepts "color", "texture"); raises InputError for an unknown one."""
     canonical = _ALIASES.get(name, name)
     if canonical not in VOCABULARY:
@@ -85,7 +85,7 @@ def _factor(name: str) -> str:
     return canonical
 
 
-def _check_value(factor: str, value: str) -> None:
+def check_value(factor: str, value: str) -> None:
     if value not in VOCABULARY[factor]:
         raise InputError(f"unknown {factor} {value!r}; use one of {', '.join(VOCABULARY[factor])}")
 
@@ -102,7 +102,7 @@ class SceneObject:
 
     def __post_init__(self) -> None:
         for factor in OBJECT_FACTORS:
-            _check_value(factor, getattr(self, factor))
+            check_value(factor, getattr(self, factor))
 
     def factors(self) -> dict[str, str]:
         """``{factor: value}`` in :data:`OBJECT_FACTORS` order."""
@@ -131,7 +131,7 @@ class Scene:
             raise InputError(f"a scene holds 1 to {MAX_OBJECTS} objects, got {len(objects)}")
         if not all(isinstance(o, SceneObject) for o in objects):
             raise InputError("Scene.objects must be SceneObject instances")
-        _check_value("background", self.background)
+        check_value("background", self.background)
         if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise InputError(f"Scene.seed must be a non-negative int, got {self.seed!r}")
         object.__setattr__(self, "seed", int(self.seed))
@@ -239,7 +239,7 @@ def caption(scene: Scene, attributes: Sequence[str] | None = None) -> str:
         return f"{text} {BACKGROUND_PHRASES[scene.background]}"
     if isinstance(attributes, str):
         attributes = (attributes,)
-    keep = {_factor(a) for a in attributes}
+    keep = {canonical_factor(a) for a in attributes}
     text = _object_phrase(scene.main, keep)
     if "background" in keep:
         text += " " + BACKGROUND_PHRASES[scene.background]
@@ -251,8 +251,8 @@ def describe(factor: str, value: str) -> str:
 
     Useful as the text of a factor value (zero-shot labels, feature retrieval queries).
     """
-    factor = _factor(factor)
-    _check_value(factor, value)
+    factor = canonical_factor(factor)
+    check_value(factor, value)
     base = SceneObject("circle", "red")
     if factor == "background":
         return caption(Scene((base,), value), ("background",))
@@ -275,7 +275,7 @@ def partial_captions(scene: Scene, rng: np.random.Generator, n: int = 3, max_att
 
 
 # ----------------------------------------------------------------------------- sampling
-def _pick(rng: np.random.Generator, values: Sequence[str]) -> str:
+def pick(rng: np.random.Generator, values: Sequence[str]) -> str:
     return values[int(rng.integers(len(values)))]
 
 
@@ -297,22 +297,22 @@ def sample_scene(
     """
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
-    fixed = {_factor(k): v for k, v in (fixed or {}).items()}
+    fixed = {canonical_factor(k): v for k, v in (fixed or {}).items()}
     for factor, value in fixed.items():
-        _check_value(factor, value)
-    shared = tuple(_factor(f) for f in shared)
+        check_value(factor, value)
+    shared = tuple(canonical_factor(f) for f in shared)
     if "position" in shared or "background" in shared:
         raise InputError("shared takes object factors other than position (objects occupy distinct cells)")
     counts = [n_objects] if isinstance(n_objects, (int, np.integer)) else list(n_objects)
     if not counts or any(not 1 <= int(c) <= MAX_OBJECTS for c in counts):
         raise InputError(f"n_objects must be between 1 and {MAX_OBJECTS}, got {n_objects!r}")
     count = int(counts[int(rng.integers(len(counts)))])
-    main = {f: fixed.get(f) or _pick(rng, VOCABULARY[f]) for f in OBJECT_FACTORS}
-    background = fixed.get("background") or _pick(rng, BACKGROUNDS)
+    main = {f: fixed.get(f) or pick(rng, VOCABULARY[f]) for f in OBJECT_FACTORS}
+    background = fixed.get("background") or pick(rng, BACKGROUNDS)
     objects = [SceneObject(**main)]
     free = [p for p in POSITIONS if p != main["position"]]
     for _ in range(count - 1):
-        values = {f: main[f] if f in shared else _pick(rng, VOCABULARY[f]) for f in OBJECT_FACTORS if f != "position"}
+        values = {f: main[f] if f in shared else pick(rng, VOCABULARY[f]) for f in OBJECT_FACTORS if f != "position"}
         position = free.pop(int(rng.integers(len(free))))
         objects.append(SceneObject(**values, position=position))
     return Scene(tuple(objects), background, int(rng.integers(2**31)))

@@ -1,11 +1,11 @@
 """Train the tiny models of the synthetic world (``vitdecomp synth train``).
 
-* :func:`train_clip`: the tiny CLIP (:func:`~vitdecomp.synth.tiny.build_tiny_clip`), trained
+* :func:`train_clip`: the tiny CLIP (:func:`~vitdecomp.core.tiny.build_tiny_clip`), trained
   contrastively on full captions and partial captions (one or two attributes of the main
   object, so single-attribute texts such as ``"a red object"`` are meaningful). A batch may
   hold several images a partial caption is true of; the loss is a multi-positive symmetric
   InfoNCE (every text true of an image is a positive) at the model's own ``logit_scale``.
-* :func:`train_classifier`: the tiny supervised ViT (:func:`~vitdecomp.synth.tiny.build_tiny_vit`)
+* :func:`train_classifier`: the tiny supervised ViT (:func:`~vitdecomp.core.tiny.build_tiny_vit`)
   on a task factor, or with ``spurious=p`` on the background-correlated binary task (the
   Waterbirds analogue of :func:`~vitdecomp.synth.dataset.generate_dataset`).
 * :func:`evaluate_clip` / :func:`evaluate_classifier`: held-out accuracy on freshly generated
@@ -15,7 +15,7 @@
 Scenes are generated on the fly (item ``k`` from ``default_rng([seed, 0, k])``; ``n_images``
 caps the pool) or read from the ``train`` split of a dataset written by ``generate_dataset``.
 Everything is deterministic given the seed. Weights and a JSON sidecar are written with
-:func:`~vitdecomp.synth.tiny.save_tiny`; :func:`~vitdecomp.synth.tiny.load_tiny` reads them back.
+:func:`~vitdecomp.core.tiny.save_tiny`; :func:`~vitdecomp.core.tiny.load_tiny` reads them back.
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..debias import group_accuracy
+from ..apps.debias import group_accuracy
 from ..errors import InputError
 from .dataset import PLACES, SPURIOUS_CLASSES, SPURIOUS_GROUPS, read_factors
-from .generator import SCENE_FACTORS, VOCABULARY, Scene, _factor, _pick, caption, describe, render_array, sample_scene
-from .tiny import CLIP_CONFIG, VIT_CONFIG, build_tiny_clip, build_tiny_vit, image_stats, round_to_storage, save_tiny
+from .generator import SCENE_FACTORS, VOCABULARY, Scene, canonical_factor as _factor, pick as _pick, caption, describe, render_array, sample_scene
+from ..core.tiny import CLIP_CONFIG, VIT_CONFIG, build_tiny_clip, build_tiny_vit, image_stats, round_to_storage, save_tiny
 
 if TYPE_CHECKING:
     import torch
@@ -335,7 +335,7 @@ def train_classifier(
     background (water for class 1) with probability p. With ``root`` the task, classes and
     p come from its ``summary.json`` and the train split is read from disk (a Waterbirds-layout
     dataset for the spurious variant). ``config``: the ``timm.create_model`` arguments (default
-    :data:`~vitdecomp.synth.tiny.VIT_CONFIG`; :data:`~vitdecomp.synth.tiny.SWIN_CONFIG` for the tiny
+    :data:`~vitdecomp.core.tiny.VIT_CONFIG`; :data:`~vitdecomp.core.tiny.SWIN_CONFIG` for the tiny
     Swin); ``kind`` names the model in its sidecar (default ``vit``, or ``spurious``). Other
     arguments as :func:`train_clip`.
     """

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..stack import ComponentStack
+    from ..core.stack import ComponentStack
 
 __all__ = ["assert_exact"]
 
