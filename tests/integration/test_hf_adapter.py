@@ -602,6 +602,18 @@ def test_importing_the_adapter_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_split_modules_keep_the_old_import_path_and_register_once():
+    from vitdecomp.core.adapters import hf_loader, hf_reader, hf_vit
+    from vitdecomp.core.adapters.base import registered_adapters
+
+    assert hf_vit.HFViTAdapter is hf_reader.HFViTAdapter is HFViTAdapter
+    assert hf_vit.load_hf is hf_loader.load_hf
+    assert hf_vit.preprocessing_from_processor is hf_loader.preprocessing_from_processor
+    for name in ("CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "HALF", "Representation"):
+        assert getattr(hf_vit, name) is getattr(hf_reader, name)
+    assert sum(isinstance(a, HFViTAdapter) for a in registered_adapters()) == 1
+
+
 def test_bad_representation_option():
     with pytest.raises(vd.InputError):
         HFViTAdapter(representation="logits")  # type: ignore[arg-type]

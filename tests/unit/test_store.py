@@ -331,3 +331,38 @@ def test_moments_saved_in_store_and_merged_across_ranks(tmp_path: Path) -> None:
         store.load_moments("mean")
     proj = store.compute_moments(directions=torch.eye(D)[:2])
     np.testing.assert_allclose(proj.mean, full.mean[:, :2], rtol=1e-6, atol=1e-6)
+
+
+def test_moment_files_round_trip_and_refuse_another_configuration(tmp_path: Path) -> None:
+    from vitdecomp.store.moments import load_moments_files, save_moments_file
+
+    gen = np.random.default_rng(1)
+    x = gen.normal(size=(9, 2, 3))
+    a = RunningMoments(2, 3, covariance=True).update(x[:4])
+    b = RunningMoments(2, 3, covariance=True).update(x[4:])
+    fa = save_moments_file(tmp_path / "a.npz", a, [3, 0], "cfg1")
+    fb = save_moments_file(tmp_path / "b.npz", b, [1], "cfg1")
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]  # written via a temp file, then renamed
+    merged, covered = load_moments_files([fa, fb], "cfg1")
+    assert merged is not None and covered == [0, 1, 3] and merged.count == 9
+    np.testing.assert_allclose(merged.mean, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(merged.covariance[1], np.cov(x[:, 1].T), rtol=1e-10)
+    with pytest.raises(InputError, match="another configuration"):
+        load_moments_files([fa], "cfg2")
+    assert load_moments_files([], "cfg1") == (None, [])
+
+
+def test_split_modules_keep_the_old_import_paths() -> None:
+    import vitdecomp
+    import vitdecomp.store as store_pkg
+    from vitdecomp.store import component_store, config, moments
+
+    assert store_pkg.__all__ == ["ComponentStore", "RunningMoments", "StoreConfig", "StoreMismatchError", "StoreRows"]
+    for name in store_pkg.__all__:
+        assert getattr(store_pkg, name) is getattr(component_store, name)
+    assert component_store.StoreConfig is config.StoreConfig
+    assert component_store.StoreMismatchError is config.StoreMismatchError
+    assert issubclass(config.StoreMismatchError, InputError)
+    assert component_store.RunningMoments is moments.RunningMoments
+    assert component_store.atomic_savez is moments.atomic_savez
+    assert StoreConfig(model="m", weights="w").package_version == str(vitdecomp.__version__)

@@ -40,6 +40,11 @@ metadata, and the manifest merges every rank's done records.
 preprocessing, dtype, layout, package version) is hashed; opening a store with a different
 configuration, labels or shape raises :class:`StoreMismatchError` listing each difference.
 
+This module is the store itself (layout, chunks, done records, manifest, reading rows and
+batches). The configuration key lives in :mod:`vitdecomp.store.config` and the streaming
+statistics (:class:`RunningMoments`, moment files) in :mod:`vitdecomp.store.moments`; their
+public names are re-exported here.
+
 Example::
 
     cfg = StoreConfig(model="vit_b16", weights="pretrained:augreg", n_items=1000, batch_size=64)
@@ -54,8 +59,6 @@ Example::
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -65,13 +68,17 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
 from ..errors import InputError
+
+# StoreConfig, StoreMismatchError, RunningMoments and atomic_savez live in .config and .moments and are
+# re-exported here, where they were defined before the split.
+from .config import StoreConfig, StoreMismatchError, package_version
+from .moments import RunningMoments, atomic_savez, load_moments_files, save_moments_file  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
@@ -91,117 +98,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "vitdecomp.store/1"
 _DONE_RE = re.compile(r"^(\d{6,})\.json$")
-_DTYPES = ("float16", "float32")
-
-
-class StoreMismatchError(InputError):
-    """An existing store was made with a different configuration (the message lists what differs)."""
-
-
-def _package_version() -> str:
-    from .. import __version__
-
-    return str(__version__)
-
-
-def _canonical(obj: Any) -> Any:
-    """JSON round trip: tuples become lists, keys become strings; raises on non-JSON values."""
-    return json.loads(json.dumps(obj, sort_keys=True, allow_nan=False))
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """Everything that determines what a store holds; its :meth:`hash` keys the store.
-
-    Attributes:
-        model: model name / load spec.
-        weights: weights identity (``Model.weights``: ``"pretrained:<tag>"``, ``"checkpoint:<sha>"``...).
-        granularity, start_layer, ln_mode, bias_mode, mlp_neurons, normalize: the
-            :func:`vitdecomp.decompose` arguments.
-        dtype: storage dtype of ``components``: ``"float16"`` or ``"float32"``.
-        preprocessing: ``Model.preprocessing.to_json()``.
-        n_items: number of images (rows) in the store.
-        batch_size: rows per chunk.
-        package_version: vitdecomp version that wrote the store (default: the running one).
-        extra: anything else that changes the content (dataset id, directions hash, ...).
-    """
-
-    model: str
-    weights: str
-    granularity: str = "head"
-    start_layer: int = 0
-    ln_mode: str = "centered"
-    bias_mode: str = "explicit"
-    mlp_neurons: bool = False
-    normalize: bool = False
-    dtype: str = "float16"
-    preprocessing: dict[str, Any] = field(default_factory=dict)
-    n_items: int = 0
-    batch_size: int = 256
-    package_version: str = field(default_factory=_package_version)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise InputError(f"store dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.n_items < 0:
-            raise InputError(f"n_items must be >= 0, got {self.n_items}")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
-        try:
-            _canonical(self.preprocessing)
-            _canonical(self.extra)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"store config must be JSON-serialisable: {exc}") from None
-
-    @classmethod
-    def from_model(cls, model: Any, *, n_items: int, batch_size: int, **kwargs: Any) -> StoreConfig:
-        """Config for a :class:`~vitdecomp.Model` (name, weights id and preprocessing taken from it)."""
-        prep = getattr(model, "preprocessing", None)
-        prep_json = prep.to_json() if prep is not None and hasattr(prep, "to_json") else {}
-        return cls(model=model.name, weights=model.weights, preprocessing=prep_json,
-                   n_items=n_items, batch_size=batch_size, **kwargs)
-
-    def to_json(self) -> dict[str, Any]:
-        """Canonical JSON-able dict of every field."""
-        return _canonical(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> StoreConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise InputError(f"store config has unknown fields {sorted(unknown)} (written by a newer vitdecomp?)")
-        return cls(**dict(data))
-
-    def hash(self) -> str:
-        """First 16 hex digits of the sha256 of the canonical JSON of every field."""
-        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def diff(self, other: StoreConfig) -> list[str]:
-        """Human-readable differences, ``"field: <self> != <other>"`` (nested dict keys dotted)."""
-        out: list[str] = []
-        _diff(self.to_json(), other.to_json(), "", out)
-        return out
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.n_items // self.batch_size)
-
-
-def _diff(a: Any, b: Any, prefix: str, out: list[str]) -> None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if key not in a:
-                out.append(f"{name}: <absent> != {b[key]!r}")
-            elif key not in b:
-                out.append(f"{name}: {a[key]!r} != <absent>")
-            else:
-                _diff(a[key], b[key], name, out)
-    elif a != b:
-        out.append(f"{prefix}: {a!r} != {b!r}")
 
 
 class StoreRows(NamedTuple):
@@ -226,13 +122,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_savez(path: Path, arrays: Mapping[str, Any]) -> None:
-    """``np.savez`` to a private temp file in the same folder, then ``os.replace`` onto ``path``."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")
-    np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
@@ -624,7 +513,7 @@ class ComponentStore:
             },
             "timing": {"compute_s": compute_s, "write_s": write_s, "first_written": first, "last_written": last},
             "versions": {
-                "vitdecomp": _package_version(),
+                "vitdecomp": package_version(),
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "zarr": zarr.__version__,
@@ -810,38 +699,22 @@ class ComponentStore:
             raise InputError(f"bad statistics name {name!r}")
         folder = self.path / "stats" / name
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"rank{rank:05d}.npz"
-        state = moments.state_dict()
-        state["chunks"] = np.asarray(sorted(int(c) for c in chunks), dtype=np.int64)
-        state["config_hash"] = np.asarray(self.config.hash())
-        atomic_savez(path, state)
-        return path
+        return save_moments_file(folder / f"rank{rank:05d}.npz", moments, chunks, self.config.hash())
 
     def load_moments(self, name: str) -> tuple[RunningMoments, list[int]]:
         """Merge every rank's saved moments of ``name``; returns (moments, chunks covered).
 
         Raises:
-            InputError: nothing saved, or two files cover the same chunk (would double count).
+            InputError: nothing saved, a file of another configuration, or two files cover the
+                same chunk (would double count).
         """
         folder = self.path / "stats" / name
         files = sorted(folder.glob("rank*.npz")) if folder.is_dir() else []
         if not files:
             raise InputError(f"no statistics {name!r} saved in {self.path}")
-        total: RunningMoments | None = None
-        covered: set[int] = set()
-        for f in files:
-            with np.load(f) as z:
-                state = {k: z[k] for k in z.files}
-            if str(state.pop("config_hash")) != self.config.hash():
-                raise InputError(f"{f} was saved for another configuration")
-            chunks = set(state.pop("chunks").tolist())
-            if chunks & covered:
-                raise InputError(f"{f} covers chunks already counted: {sorted(chunks & covered)[:5]}")
-            covered |= chunks
-            part = RunningMoments.from_state_dict(state)
-            total = part if total is None else total.merge(part)
+        total, covered = load_moments_files(files, self.config.hash())
         assert total is not None
-        return total, sorted(covered)
+        return total, covered
 
     def compute_moments(
         self,
@@ -878,90 +751,3 @@ def _concat(parts: list[StoreRows]) -> StoreRows:
 
 def _slice_rows(data: StoreRows, start: int, stop: int) -> StoreRows:
     return StoreRows(data.values[start:stop], data.reference[start:stop], data.valid[start:stop], data.ids[start:stop])
-
-
-class RunningMoments:
-    """Streaming per-component mean and (optionally) covariance, float64, mergeable.
-
-    Uses the pairwise update of Chan et al. (batch mean and centred second moment, merged
-    with the mean shift), so it is numerically stable and merging partial results from
-    several ranks or chunks equals one pass over all the data up to rounding.
-
-    Attributes:
-        count: number of items seen.
-        mean: ``[comp, k]`` float64.
-        m2: ``[comp, k, k]`` float64 centred sum of outer products, or None without covariance.
-    """
-
-    def __init__(self, n_components: int, dim: int, *, covariance: bool = False) -> None:
-        self.count = 0
-        self.mean = np.zeros((n_components, dim), dtype=np.float64)
-        self.m2: np.ndarray | None = np.zeros((n_components, dim, dim), dtype=np.float64) if covariance else None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.mean.shape[0]), int(self.mean.shape[1]))
-
-    def update(self, values: torch.Tensor | np.ndarray) -> RunningMoments:
-        """Add a batch ``[batch, comp, k]`` (NaN-free: pass valid rows only). Returns self."""
-        if hasattr(values, "detach"):  # torch.Tensor
-            x = values.detach().cpu().double().numpy()
-        else:
-            x = np.asarray(values, dtype=np.float64)
-        if x.ndim != 3 or x.shape[1:] != self.shape:
-            raise InputError(f"expected values [batch, {self.shape[0]}, {self.shape[1]}], got {tuple(x.shape)}")
-        n = x.shape[0]
-        if n == 0:
-            return self
-        mean = x.mean(axis=0)
-        m2 = None
-        if self.m2 is not None:
-            xc = (x - mean).transpose(1, 0, 2)  # [comp, batch, k]
-            m2 = np.matmul(xc.transpose(0, 2, 1), xc)  # [comp, k, k]: BLAS, ~10x faster than einsum
-        self._merge(n, mean, m2)
-        return self
-
-    def _merge(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray | None) -> None:
-        n_a = self.count
-        n = n_a + n_b
-        if n_b == 0:
-            return
-        delta = mean_b - self.mean
-        if self.m2 is not None:
-            assert m2_b is not None
-            self.m2 = self.m2 + m2_b + np.einsum("ci,cj->cij", delta, delta) * (n_a * n_b / n)
-        self.mean = self.mean + delta * (n_b / n)
-        self.count = n
-
-    def merge(self, other: RunningMoments) -> RunningMoments:
-        """Fold ``other`` (same shape and covariance setting) into self; returns self."""
-        if other.shape != self.shape or (other.m2 is None) != (self.m2 is None):
-            raise InputError("cannot merge moments of different shape or covariance setting")
-        self._merge(other.count, other.mean, other.m2)
-        return self
-
-    @property
-    def covariance(self) -> np.ndarray:
-        """Unbiased covariance ``[comp, k, k]`` (``ddof=1``, as ``np.cov``)."""
-        if self.m2 is None:
-            raise ValueError("these moments were accumulated without covariance=True")
-        if self.count < 2:
-            return np.full_like(self.m2, np.nan)
-        return self.m2 / (self.count - 1)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Arrays to save (``np.savez``) and restore with :meth:`from_state_dict`."""
-        state = {"count": np.asarray(self.count, dtype=np.int64), "mean": self.mean.copy()}
-        if self.m2 is not None:
-            state["m2"] = self.m2.copy()
-        return state
-
-    @classmethod
-    def from_state_dict(cls, state: Mapping[str, np.ndarray]) -> RunningMoments:
-        mean = np.asarray(state["mean"], dtype=np.float64)
-        out = cls(mean.shape[0], mean.shape[1], covariance="m2" in state)
-        out.count = int(state["count"])
-        out.mean = mean.copy()
-        if "m2" in state:
-            out.m2 = np.asarray(state["m2"], dtype=np.float64).copy()
-        return out
