@@ -526,3 +526,23 @@ def test_progress_bar_is_delayed_and_off_when_quiet():
             assert bar.disable
     finally:
         logger.setLevel(level)
+
+
+def test_published_template_sets_and_template_files(tmp_path):
+    import open_clip.zero_shot_metadata as meta
+
+    from vitdecomp.errors import InputError
+    from vitdecomp.interpret.text.templates import resolve_templates
+
+    eighty = resolve_templates("imagenet80")
+    assert len(eighty) == 80 and len(set(eighty)) == 80
+    assert [t.format("dog") for t in eighty] == [f("dog") for f in meta.OPENAI_IMAGENET_TEMPLATES]
+    assert len(resolve_templates("imagenet7")) == 7
+    path = tmp_path / "mine.txt"
+    path.write_text("# my prompts\na photo of a {}.\n\nan image of {}\n", encoding="utf-8")
+    assert resolve_templates(str(path)) == ("a photo of a {}.", "an image of {}")
+    path.write_text("no placeholder here\n", encoding="utf-8")
+    with pytest.raises(InputError, match="placeholder"):
+        resolve_templates(str(path))
+    with pytest.raises(InputError, match="imagenet80"):
+        resolve_templates("no-such-set")

@@ -7,7 +7,15 @@ template set is a tuple of them. :data:`TEMPLATES` names the built-in sets:
 * ``"photo"``: twelve photograph phrasings, for natural-image class names;
 * ``"synth"``: phrasings of the synthetic world's captions (``"a red object"``,
   ``"a triangle on water"``, see :func:`vitdecomp.synth.generator.describe`), which already
-  carry their article, so the templates add none.
+  carry their article, so the templates add none;
+* ``"imagenet80"``: the 80 ImageNet prompts published with CLIP (Radford et al. 2021), the set
+  TextSpan's published code ensembles over (docs/method.md §4); ``"imagenet7"``: the 7-prompt
+  subset CLIP's authors recommend. Both are read from ``open_clip.zero_shot_metadata``, the
+  maintained copy, rather than retyped here.
+
+A path to a text file is a set too: one template per line (blank lines and ``#`` comments
+skipped). The 79-line set of the scoring paper's code (docs/method.md §4) is not shipped by any
+package this project can install; pass that file with ``--templates FILE``.
 
 The embedding of a name under a template set (docs/method.md §1, ``y_s``) is::
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import InputError
@@ -27,7 +36,7 @@ if TYPE_CHECKING:
     from .cache import CacheChoice
     from .encoders import TextEncoder
 
-__all__ = ["TEMPLATES", "resolve_templates", "fill_templates", "embed_templates"]
+__all__ = ["TEMPLATES", "LIBRARY_SETS", "resolve_templates", "fill_templates", "embed_templates"]
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "plain": ("{}",),
@@ -54,6 +63,36 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Published template sets read from a maintained package: name -> (module, attribute).
+LIBRARY_SETS: dict[str, tuple[str, str]] = {
+    "imagenet80": ("open_clip.zero_shot_metadata", "OPENAI_IMAGENET_TEMPLATES"),
+    "imagenet7": ("open_clip.zero_shot_metadata", "SIMPLE_IMAGENET_TEMPLATES"),
+}
+
+
+def _library_set(name: str) -> tuple[str, ...]:
+    """A published set as format strings (the package stores callables ``name -> prompt``)."""
+    import importlib
+
+    module, attr = LIBRARY_SETS[name]
+    try:
+        entries = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"template set {name!r} is read from {module} ({exc}); install open_clip_torch") from exc
+    return tuple(e("{}") if callable(e) else str(e) for e in entries)
+
+
+def _read_template_file(path: Path) -> tuple[str, ...]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"template file {path} is not a readable UTF-8 text file: {exc}") from exc
+    found = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not found:
+        raise InputError(f"template file {path} holds no template")
+    return found
+
+
 def _check_template(template: str) -> None:
     if not isinstance(template, str):
         raise InputError(f"a template must be a string, got {type(template).__name__}")
@@ -66,10 +105,10 @@ def _check_template(template: str) -> None:
 
 
 def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
-    """The template tuple for a set name, one template string, or a sequence of templates.
+    """The template tuple for a set name, a template file, one template string, or a sequence of templates.
 
-    A string is a name of :data:`TEMPLATES` when it is one; otherwise it must be one template
-    holding ``{}``.
+    A string is a name of :data:`TEMPLATES` or :data:`LIBRARY_SETS` when it is one, a file of
+    templates (one per line) when such a file exists, and otherwise one template holding ``{}``.
 
     Raises:
         InputError: unknown name, empty set, or a template without exactly one ``{}``.
@@ -77,9 +116,15 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(templates, str):
         if templates in TEMPLATES:
             return TEMPLATES[templates]
-        if "{" not in templates:
-            raise InputError(f"unknown template set {templates!r}; known: {sorted(TEMPLATES)} (or a '{{}}' template)")
-        templates = (templates,)
+        if templates in LIBRARY_SETS:
+            templates = _library_set(templates)
+        elif "{" not in templates and Path(templates).expanduser().is_file():
+            templates = _read_template_file(Path(templates).expanduser())
+        elif "{" not in templates:
+            raise InputError(f"unknown template set {templates!r}; known: {sorted([*TEMPLATES, *LIBRARY_SETS])}, "
+                             "a '{}' template, or a text file with one template per line")
+        else:
+            templates = (templates,)
     resolved = tuple(templates)
     if not resolved:
         raise InputError("a template set needs at least one template")
