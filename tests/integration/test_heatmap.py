@@ -238,8 +238,10 @@ def test_models_without_cls_use_the_mean_query_row():
     reference = eager_timm_attention(model.module, x)
     raw = raw_attention(model, x)
     torch.testing.assert_close(raw, reference[-1].mean(1).mean(1)[:, 1:].reshape(1, 4, 4), rtol=1e-5, atol=1e-6)
-    expected = rollout_by_hand(reference, 0).mean(1)[:, 1:].reshape(1, 4, 4)
+    expected = rollout_by_hand(reference, 1).mean(1)[:, 1:].reshape(1, 4, 4)  # default: from block 1 (Chefer)
     torch.testing.assert_close(rollout(model, x), expected, rtol=1e-4, atol=1e-6)
+    from_zero = rollout_by_hand(reference, 0).mean(1)[:, 1:].reshape(1, 4, 4)
+    torch.testing.assert_close(rollout(model, x, start_layer=0), from_zero, rtol=1e-4, atol=1e-6)
     with pytest.raises(InputError, match="no CLS"):
         raw_attention(model, x, query="cls")
 

@@ -198,3 +198,87 @@ def test_resize_pair_keeps_the_mask_binary_and_aligned():
     assert set(np.unique(small_mask)) <= {False, True} and small_mask.any()
     with pytest.raises(InputError):
         resize_pair(image, mask[:-1], 16)
+
+
+# ------------------------------------------------------------------ Chefer et al.'s evaluation, independently
+def _chefer_reference(maps, masks):
+    """The ImageNet-Segmentation evaluation of Chefer et al. (imagenet_seg_eval.py + utils/metrices.py),
+    transcribed step by step with torch and sklearn as an independent oracle: NaNs of the min-max
+    normalisation kept and zeroed where their code zeroes them, argmax over the two channels,
+    histogram intersections, epsilon denominators, one flattened AP per image."""
+    torch = pytest.importorskip("torch")
+    from sklearn.metrics import average_precision_score
+
+    eps = np.spacing(1)
+    total_correct = total_label = 0
+    total_inter, total_union = np.zeros(2), np.zeros(2)
+    aps = []
+    for r, m in zip(maps, masks):
+        res = torch.as_tensor(np.asarray(r, dtype=np.float64))[None, None]
+        labels = torch.as_tensor(np.asarray(m, dtype=np.int64))[None]
+        with np.errstate(invalid="ignore"):
+            res = (res - res.min()) / (res.max() - res.min())
+        ret = res.mean()
+        res_1 = res.gt(ret).type(res.type())
+        res_0 = res.le(ret).type(res.type())
+        res_1_ap, res_0_ap = res.clone(), 1 - res
+        for t in (res_1, res_0, res_1_ap, res_0_ap):
+            t[t != t] = 0
+        output = torch.cat((res_0, res_1), 1)
+        output_ap = torch.cat((res_0_ap, res_1_ap), 1)
+        # batch_pix_accuracy
+        _, predict = torch.max(output[0], 0)
+        predict, target = predict.numpy() + 1, labels[0].numpy() + 1
+        total_label += int((target > 0).sum())
+        total_correct += int(((predict == target) * (target > 0)).sum())
+        # batch_intersection_union (nclass = 2)
+        predict = predict * (target > 0).astype(predict.dtype)
+        inter = predict * (predict == target)
+        area_inter, _ = np.histogram(inter, bins=2, range=(1, 2))
+        area_pred, _ = np.histogram(predict, bins=2, range=(1, 2))
+        area_lab, _ = np.histogram(target, bins=2, range=(1, 2))
+        total_inter += area_inter
+        total_union += area_pred + area_lab - area_inter
+        # get_ap_scores: one AP over the flattened two channels against the one-hot target
+        tgt = labels[0]
+        onehot = torch.zeros_like(tgt.unsqueeze(0).expand(2, *tgt.shape)).scatter_(0, tgt.unsqueeze(0), 1)
+        p = np.nan_to_num(output_ap[0].numpy().reshape(-1))
+        aps.append(float(np.nan_to_num(average_precision_score(onehot.numpy().reshape(-1), p))))
+    iou = total_inter / (eps + total_union)
+    return {"pixel_accuracy": total_correct / (eps + total_label), "miou_two_class": float(iou.mean()),
+            "bg_iou": float(iou[0]), "fg_iou": float(iou[1]), "map_two_channel": float(np.mean(aps))}
+
+
+def _edge_cases():
+    rng = np.random.default_rng(3)
+    mask = rng.random((12, 12)) < 0.35
+    smooth = rng.random((12, 12))
+    tied = np.where(rng.random((12, 12)) < 0.5, 0.25, 0.75)  # many pixels exactly at / around the mean
+    at_mean = np.array([[0.0, 1.0], [0.5, 0.5]])  # two pixels exactly at the threshold tau = 0.5
+    return {
+        "random": ([smooth], [mask]),
+        "constant_map": ([np.full((12, 12), 3.0)], [mask]),
+        "empty_mask": ([smooth], [np.zeros((12, 12), bool)]),
+        "full_mask": ([smooth], [np.ones((12, 12), bool)]),
+        "ties_at_threshold": ([at_mean, tied], [np.array([[0, 1], [1, 0]], bool), mask]),
+        "constant_and_empty": ([np.zeros((6, 6)), np.full((6, 6), -2.0)], [np.zeros((6, 6), bool), np.ones((6, 6), bool)]),
+        "dataset": ([smooth, np.full((12, 12), 1.0), tied, 1 - smooth],
+                    [mask, mask, np.zeros((12, 12), bool), np.ones((12, 12), bool)]),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_edge_cases()))
+def test_metrics_match_chefer_evaluation_on_edge_cases(case):
+    maps, masks = _edge_cases()[case]
+    ours = SegmentationMetrics()
+    for r, m in zip(maps, masks):
+        ours.update(r, m)
+    got, want = ours.result(), _chefer_reference(maps, masks)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), (case, key, got[key], value)
+
+
+def test_a_constant_map_scores_the_chance_ap_of_their_code():
+    metrics = SegmentationMetrics()
+    out = metrics.update(np.full((4, 4), 7.0), MASK)
+    assert out["ap_two_channel"] == pytest.approx(0.5)  # all 2HW scores tie: the one-hot positive rate

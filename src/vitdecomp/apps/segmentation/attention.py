@@ -21,8 +21,8 @@ query row that the readout reads alone; for them (``query="auto"``) the map uses
 over all query rows, ``m_p = (1/N) sum_q A_{q,p}``, and says so in the log.
 
 Chefer et al.'s ImageNet-Segmentation script calls rollout with ``start_layer=1`` (0-based,
-i.e. skipping the first block); the default here is the product from the first block
-(``start_layer=0``), docs/method.md §6.5. Pass ``start_layer=1`` to reproduce their numbers.
+i.e. skipping the first block), and so does :func:`rollout` by default (docs/method.md §6.5);
+``start_layer=0`` gives the product over every block (Abnar & Zuidema's original rollout).
 
 Example (tiny random timm ViT, offline)::
 
@@ -133,15 +133,15 @@ def raw_attention(
 
 
 def rollout(
-    model: Model | nn.Module, pixels: torch.Tensor, start_layer: int = 0, *, query: Query = "auto"
+    model: Model | nn.Module, pixels: torch.Tensor, start_layer: int = 1, *, query: Query = "auto"
 ) -> torch.Tensor:
     """Attention-rollout map: the target row of :func:`rollout_matrix` at the patch columns.
 
     Args:
         model: a :class:`~vitdecomp.Model` or a stock module (isotropic ViT families).
         pixels: ``[batch, 3, H, W]`` preprocessed images.
-        start_layer: first block in the product (0: from the first block; Chefer et al.'s
-            segmentation script uses 1).
+        start_layer: first block in the product (default 1, as Chefer et al.'s segmentation
+            protocol; 0: from the first block).
         query: as in :func:`raw_attention` (CLS row, or the mean over query rows).
 
     Returns:

@@ -7,16 +7,22 @@ for one image at a time (batch size 1):
 1. image and mask resized to the evaluation size without a crop, the image bilinear and the
    mask nearest (:func:`resize_pair`); the relevance map upsampled bilinearly to the same size
    (e.g. :meth:`vitdecomp.apps.heatmap.Heatmap.upsample`);
-2. ``R <- (R - min R) / (max R - min R)`` (a constant map becomes all zeros, where Chefer's
-   code turns the 0/0 NaNs into zeros); threshold ``tau = mean(R)``: predicted foreground
+2. ``R <- (R - min R) / (max R - min R)``; threshold ``tau = mean(R)``: predicted foreground
    ``R > tau``, background ``R <= tau``;
-3. **pixel accuracy** = sum correct / sum labelled pixels, summed over the dataset (every
-   pixel of a binary mask is labelled);
-4. **IoU_c** = sum inter_c / sum union_c over the dataset, for c in {bg, fg};
+3. **pixel accuracy** = sum correct / (eps + sum labelled pixels), summed over the dataset
+   (every pixel of a binary mask is labelled; ``eps = np.spacing(1)`` as in their code);
+4. **IoU_c** = sum inter_c / (eps + sum union_c) over the dataset, for c in {bg, fg} (a class
+   that never occurs in masks or predictions scores 0, as their epsilon gives);
    **mIoU** = (IoU_bg + IoU_fg) / 2;
 5. **mAP** = per image, the average precision of the two-channel scores ``[1 - R, R]``
    against the one-hot target ``[bg, fg]``, flattened into one binary problem of ``2 H W``
-   scores (sklearn ``average_precision_score`` semantics), averaged over images.
+   scores (sklearn ``average_precision_score`` semantics, NaN -> 0), averaged over images.
+
+A constant map is scored exactly as their code scores it: the min-max normalisation gives
+0/0 = NaN everywhere, ``NaN > mean`` and ``NaN <= mean`` are both false, so both prediction
+channels are 0 and the argmax picks background for every pixel; both AP channels (``R`` and
+``1 - R``, NaN) are zeroed, so all ``2 H W`` scores tie and the AP is the positive rate of
+the flattened one-hot target, 0.5.
 
 Secondary metrics (vit-decompose's "mIoU" and "mAP"): the foreground IoU alone, and the
 per-image single-channel AP of ``R`` against the foreground mask, averaged over images.
@@ -142,14 +148,16 @@ class SegmentationMetrics:
             raise InputError(
                 f"relevance {r_raw.shape} and mask {m.shape} differ; upsample the map to the mask's size first"
             )
+        constant = _is_constant(r_raw)
         r = normalise_relevance(r_raw)
         tau = float(r.mean())
-        pred = r > tau  # foreground strictly above the mean, as Chefer's Res.gt(mean)
+        pred = r > tau  # foreground strictly above the mean, as Chefer's Res.gt(mean); constant: none
 
         correct = int((pred == m).sum())
         inter = np.array([(~pred & ~m).sum(), (pred & m).sum()], dtype=np.int64)
         union = np.array([(~pred | ~m).sum(), (pred | m).sum()], dtype=np.int64)
-        scores = np.concatenate([(1.0 - r).reshape(-1), r.reshape(-1)])
+        # a constant map: both channels NaN in their code, zeroed by nan_to_num -> all scores tie
+        scores = (np.zeros(2 * r.size) if constant else np.concatenate([(1.0 - r).reshape(-1), r.reshape(-1)]))
         onehot = np.concatenate([(~m).reshape(-1), m.reshape(-1)])
         ap_two = average_precision(onehot, scores)
         ap_fg = average_precision(m, r)
@@ -160,7 +168,7 @@ class SegmentationMetrics:
         self.union += union
         self.ap_two_channel.append(ap_two)
         self.ap_fg.append(ap_fg)
-        iou = _ratio(inter, union)
+        iou = _ratio(inter, union, eps=False)
         return {
             "pixel_accuracy": correct / m.size,
             "bg_iou": float(iou[0]),
@@ -174,9 +182,9 @@ class SegmentationMetrics:
         """The dataset metrics so far.
 
         Returns:
-            ``pixel_accuracy`` (sum correct / sum labelled), ``bg_iou`` and ``fg_iou``
-            (sum inter / sum union per class; NaN if a class never occurs in masks or
-            predictions, where Chefer's epsilon would give 0), ``miou_two_class`` (their mean),
+            ``pixel_accuracy`` (sum correct / (eps + sum labelled)), ``bg_iou`` and ``fg_iou``
+            (sum inter / (eps + sum union) per class: 0 if a class never occurs in masks or
+            predictions, as Chefer's epsilon gives), ``miou_two_class`` (their mean),
             ``map_two_channel`` (mean per-image two-channel AP, the headline "mAP"),
             ``ap_fg`` (mean per-image foreground AP), ``n_images``. NaN values when no image
             was added.
@@ -184,9 +192,9 @@ class SegmentationMetrics:
         if self.n_images == 0:
             keys = ("pixel_accuracy", "miou_two_class", "map_two_channel", "fg_iou", "bg_iou", "ap_fg")
             return {**{key: float("nan") for key in keys}, "n_images": 0}
-        iou = _ratio(self.inter, self.union)
+        iou = _ratio(self.inter, self.union, eps=True)
         return {
-            "pixel_accuracy": self.correct / self.labelled,
+            "pixel_accuracy": self.correct / (_EPS + self.labelled),
             "miou_two_class": float(iou.mean()),
             "map_two_channel": float(np.mean(self.ap_two_channel)),
             "fg_iou": float(iou[1]),
@@ -196,10 +204,21 @@ class SegmentationMetrics:
         }
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+_EPS = float(np.spacing(1))  # Chefer et al.'s denominator epsilon (utils/metrices.py)
+
+
+def _is_constant(relevance: Any) -> bool:
+    r = _as_array(relevance)
+    return bool(r.size) and bool(np.all(np.isfinite(r))) and float(r.max()) == float(r.min())
+
+
+def _ratio(num: np.ndarray, den: np.ndarray, *, eps: bool) -> np.ndarray:
+    """``num / (eps + den)`` as Chefer's code divides (eps=True: a class never seen scores 0);
+    eps=False: NaN where ``den`` is 0 (one image's own, undefined IoU)."""
+    if eps:
+        return num / (_EPS + den)
     out = np.full(num.shape, np.nan)
-    ok = den > 0
-    out[ok] = num[ok] / den[ok]
+    np.divide(num, den, out=out, where=den > 0)
     return out
 
 
