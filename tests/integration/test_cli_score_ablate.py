@@ -58,7 +58,7 @@ def _stack(path):
 
 def _subset(stack, keep):
     """The items of a stack where the bool array ``keep`` is true."""
-    from vitdecomp.cli.ablate_cmd import _subset as subset
+    from vitdecomp.interpret.ablate import take_items as subset
 
     return subset(stack, np.asarray(keep, dtype=bool))
 
@@ -140,7 +140,7 @@ def test_score_through_an_alignment_and_custom_pool(stores, tmp_path, capsys):
 def _zero_shot(encoder, stores):
     import torch
 
-    from vitdecomp.cli.ablate_cmd import read_classes
+    from vitdecomp.interpret.inputs import read_classes
     from vitdecomp.interpret.text import zero_shot_head
 
     head = zero_shot_head(encoder, read_classes(stores["classes"]), "plain").to(torch.float64)

@@ -333,3 +333,19 @@ def test_store_batches_feed_fit(tmp_path: Path) -> None:
     assert align.meta["val_cosine"] > 0.99
     with pytest.raises(InputError):
         store_batches(store, y[:10])
+
+
+def test_alignment_config_groups_partition_the_components() -> None:
+    from vitdecomp.interpret.align import alignment_config
+
+    labels = ["embed", "L00.H00", "L00.H01", "L00.mlp", "L01.H00", "L01.mlp", "bias"]
+    config, names = alignment_config(labels, maps="grouped", group_by="layer", settings={"epochs": 3})
+    assert names == ["embed", "L00", "L01", "bias"] and config.epochs == 3 and config.mode == "grouped"
+    assert sorted(i for g in config.groups for i in g) == list(range(len(labels)))  # a partition
+    assert [labels[i] for i in config.groups[1]] == ["L00.H00", "L00.H01", "L00.mlp"]
+    config, names = alignment_config(labels, maps="grouped", group_by="kind")
+    assert dict(zip(names, config.groups))["head"] == (1, 2, 4)
+    assert alignment_config(labels, maps="shared")[1] == ["shared"]
+    assert alignment_config(labels)[1] == labels and alignment_config(labels)[0].mode == "per_component"
+    with pytest.raises(InputError, match="map sharing"):
+        alignment_config(labels, settings={"mode": "shared"})

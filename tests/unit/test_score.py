@@ -364,9 +364,9 @@ def test_spearman_hand_computed_with_ties() -> None:
     assert spearman([3, 1, 2], [-30, -10, -20]) == pytest.approx(-1.0)
     assert spearman(np.exp([0.1, 0.5, 0.2, 0.9]), [0.1, 0.5, 0.2, 0.9]) == pytest.approx(1.0)  # rank-invariant
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
-    from vitdecomp.interpret.score import _rankdata
+    from vitdecomp.interpret.score import rankdata
 
-    np.testing.assert_array_equal(_rankdata(np.array([10.0, 20, 20, 20, 5, 10])), [2.5, 5, 5, 5, 1, 2.5])
+    np.testing.assert_array_equal(rankdata(np.array([10.0, 20, 20, 20, 5, 10])), [2.5, 5, 5, 5, 1, 2.5])
 
 
 def test_validate_ordering(moments: ScoreMoments, bases: dict[str, np.ndarray]) -> None:

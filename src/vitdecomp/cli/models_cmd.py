@@ -1,4 +1,7 @@
-"""``vitdecomp models``: the model families vitdecomp can decompose and how to name them."""
+"""``vitdecomp models``: the model families vitdecomp can decompose and how to name them.
+
+Lists :func:`vitdecomp.core.adapters.base.registered_adapters` and
+:func:`vitdecomp.core.shipped.shipped_models` (one :meth:`~vitdecomp.core.shipped.ShippedModel.line` each)."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +27,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.adapters.base import registered_adapters
+    from ..core.shipped import shipped_models
 
     out = sys.stdout
     out.write("Supported model families:\n")
@@ -31,27 +35,6 @@ def run(args: argparse.Namespace) -> int:
         out.write(f"  {adapter.family:<16} {adapter.description}\n")
     out.write("\n" + SPEC_HELP)
     out.write("\nShipped tiny models (trained on the synthetic world; held-out accuracy as recorded at training):\n")
-    for line in shipped_model_lines():
-        out.write(f"  {line}\n")
+    for model in shipped_models():
+        out.write(f"  {model.line()}\n")
     return 0
-
-
-def shipped_model_lines() -> list[str]:
-    """One line per shipped tiny model: its spec, what it was trained for and its recorded accuracy."""
-    import json
-
-    from ..core.shipped import SHIPPED, shipped_path
-
-    lines = []
-    for kind, what in SHIPPED.items():
-        info = json.loads((shipped_path(kind) / "tiny_model.json").read_text(encoding="utf-8"))
-        zero_shot = info.get("zero_shot_accuracy")
-        if zero_shot:
-            acc = "zero-shot " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(zero_shot.items()))
-        else:
-            acc = f"{info.get('task', '?')} {info.get('accuracy', float('nan')):.2f}"
-            worst = (info.get("eval") or {}).get("worst_group_accuracy")
-            if worst is not None:
-                acc += f" (worst group {worst:.2f})"
-        lines.append(f"synth:{kind:<9} {what}; {acc}")
-    return lines

@@ -1,9 +1,26 @@
-"""Figures for reports with numpy and PIL only: image grids (PNG) and simple charts (SVG text).
+"""Figures for reports: image grids (PIL) and charts and heat maps drawn with matplotlib.
 
-matplotlib is not a dependency. Charts are small hand-written SVG documents meant to be
-embedded with :meth:`vitdecomp.report.Figure.from_svg`; every label in them is escaped, so
-arbitrary category or series names are safe. Colours are the Okabe–Ito palette
-(distinguishable with colour-vision deficiencies).
+Every chart function (:func:`bar_chart`, :func:`line_chart`, :func:`ablation_curves`,
+:func:`debias_chart`, :func:`heatmap`, :func:`score_heatmap`, :func:`overlay_grid`) returns
+**SVG text** made by matplotlib's SVG backend (text drawn as paths, so it looks the same in
+every browser; no fonts or files are referenced, images are embedded), starting with ``<svg``: write it to a
+``.svg`` file or embed it with :meth:`vitdecomp.report.Figure.from_svg`. Each has a
+``*_figure`` twin that returns the :class:`matplotlib.figure.Figure` before saving, for tests
+and for callers who want another format (``fig.savefig("x.png")``).
+
+Conventions, the same in every figure and table of every report:
+
+* shares, accuracies and other proportions are **fractions in [0, 1]**, never percent
+  (axis labels say "(fraction)");
+* signed maps use a diverging colour map centred at 0 with symmetric limits ``[-m, m]``
+  (``RdBu_r`` for charts, blue–white–red for overlays on images, red = positive); unsigned
+  maps a sequential one from 0; every heat map has a colour bar whose label states the units;
+* layout is ``constrained`` and saving uses ``bbox_inches="tight"``: titles, tick labels and
+  legends are never clipped (long titles are wrapped).
+
+matplotlib is imported inside the functions (Agg measures the text for the layout) and never
+through ``pyplot``, so importing this module stays cheap and no global figure state is touched.
+Series colours are the Okabe–Ito palette (distinguishable with colour-vision deficiencies).
 
 Example::
 
@@ -11,34 +28,71 @@ Example::
 
     grid = figures.image_grid(crops, columns=4, scale=3, labels=["dog", "cat", ...])
     Figure.from_pil(grid, caption="top images")
-    Figure.from_svg(figures.bar_chart({"L10": 0.21, "L11": 0.64}, title="share per layer"))
+    Figure.from_svg(figures.bar_chart({"L10": 0.21, "L11": 0.64}, title="share per layer",
+                                      ylabel="share of |z|² (fraction)"))
 """
 from __future__ import annotations
 
-import html
+import contextlib
+import io
 import math
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any
+import re
+import textwrap
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .html import png_from_pil as _png_from_pil
+from .html import png_from_pil
 
-__all__ = ["image_grid", "label_height", "bar_chart", "line_chart", "ablation_curves", "debias_chart", "png_bytes",
-           "PALETTE"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure as MplFigure
+
+__all__ = [
+    "image_grid",
+    "label_height",
+    "png_bytes",
+    "bar_chart",
+    "bar_chart_figure",
+    "line_chart",
+    "line_chart_figure",
+    "ablation_curves",
+    "ablation_curves_figure",
+    "debias_chart",
+    "debias_chart_figure",
+    "accuracy_bars",
+    "accuracy_bars_figure",
+    "heatmap",
+    "heatmap_figure",
+    "score_heatmap",
+    "score_heatmap_figure",
+    "score_units",
+    "OverlayColumn",
+    "overlay_grid",
+    "overlay_grid_figure",
+    "svg_text",
+    "PALETTE",
+    "SIGNED_CMAP",
+    "UNSIGNED_CMAP",
+    "FRACTION",
+]
 
 #: Okabe–Ito colours, in the order series get them (then repeated).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#7F7F7F")
-_FONT_FAMILY = "system-ui, -apple-system, 'Segoe UI', Roboto, Arial, sans-serif"
-_FONT_SIZE = 11
-_CHAR_W = 6.8  # generous mean glyph width at _FONT_SIZE, for fitting labels without a font engine
-_LABEL_ANGLE = 40.0  # degrees; category labels too wide for their group are drawn rotated
-_MAX_LABEL_PX = 120.0  # longest rotated category label, in pixels along the text
-_GRID_COLOR = "#D1D9E0"
-_AXIS_COLOR = "#59636E"
-_TEXT_COLOR = "#1F2328"
+#: Colour map of signed chart heat maps (centred at 0, symmetric limits).
+SIGNED_CMAP = "RdBu_r"
+#: Colour map of non-negative chart heat maps (from 0).
+UNSIGNED_CMAP = "Reds"
+#: Suffix of every axis or colour-bar label whose values are shares or accuracies.
+FRACTION = "(fraction)"
+#: Chart font size in points; 100 dpi, so sizes in pixels are ``inches * 100``.
+_FONT_PT = 9.0
+_DPI = 100
+_AVG_CHAR_PX = 6.2  # mean glyph width at _FONT_PT (DejaVu Sans), for wrapping titles before drawing
+_NAN_COLOUR = "#BDBDBD"
 
 
 # --------------------------------------------------------------------------- raster
@@ -46,7 +100,7 @@ _TEXT_COLOR = "#1F2328"
 
 def png_bytes(image: Image.Image) -> bytes:
     """Encode a PIL image as PNG (lossless); modes PNG cannot store are converted to RGB(A)."""
-    return _png_from_pil(image)
+    return png_from_pil(image)
 
 
 def _to_rgb(image: np.ndarray | Image.Image, index: int) -> Image.Image:
@@ -102,7 +156,7 @@ def image_grid(
         height = rows * (tile_h + band) + (rows + 1) * pad
 
     where ``band`` is 0 without labels and :func:`label_height` with them (each label is
-    drawn centred under its tile in PIL's default font, shortened with ".." if too wide).
+    drawn centred under its tile, shortened with ".." if too wide).
 
     Args:
         images: uint8 arrays HxW, HxWx3 or HxWx4 (alpha dropped), or PIL images.
@@ -144,167 +198,162 @@ def image_grid(
     return canvas
 
 
-# --------------------------------------------------------------------------- SVG helpers
+# --------------------------------------------------------------------------- matplotlib plumbing
 
 
-def _esc(text: object) -> str:
-    return html.escape(str(text), quote=True)
+@contextlib.contextmanager
+def _style() -> Iterator[None]:
+    """The charts' matplotlib settings, for the duration of one figure (global rcParams untouched)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # no-op once a backend is chosen; figures never go through pyplot
+    from cycler import cycler
+
+    rc = {
+        "font.size": _FONT_PT,
+        "axes.titlesize": _FONT_PT + 1,
+        "axes.labelsize": _FONT_PT,
+        "figure.titlesize": _FONT_PT + 2,
+        "figure.titleweight": "bold",
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.edgecolor": "#59636E",
+        "axes.prop_cycle": cycler(color=list(PALETTE)),
+        "grid.color": "#D1D9E0",
+        "grid.linewidth": 0.6,
+        "axes.axisbelow": True,
+        "legend.frameon": False,
+        "svg.fonttype": "path",
+        "svg.hashsalt": "vitdecomp",  # reproducible element ids
+        "figure.dpi": _DPI,
+        "savefig.dpi": _DPI,
+    }
+    with matplotlib.rc_context(rc):
+        yield
 
 
-def _n(value: float) -> str:
-    """A coordinate, compactly."""
-    return f"{value:.2f}".rstrip("0").rstrip(".")
+def _new_figure(width: float, height: float) -> MplFigure:
+    """An empty constrained-layout figure of ``width × height`` pixels (at 100 dpi)."""
+    from matplotlib.figure import Figure as MplFigureClass
+
+    if width < 80 or height < 60:
+        raise ValueError(f"a chart of {width:.0f}x{height:.0f} px leaves no room to plot")
+    return MplFigureClass(figsize=(width / _DPI, height / _DPI), dpi=_DPI, layout="constrained")
 
 
-def _text(x: float, y: float, text: str, anchor: str = "middle", extra: str = "") -> str:
-    """An SVG ``<text>`` element with escaped content."""
-    return f'<text x="{_n(x)}" y="{_n(y)}" text-anchor="{anchor}"{extra}>{_esc(text)}</text>'
+def _renderer(fig: MplFigure) -> Any:
+    """An Agg renderer of the figure, to measure text before saving."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    return canvas.get_renderer()
 
 
-def _line(x1: float, x2: float, y1: float, y2: float, stroke: str, css_class: str = "") -> str:
-    """An SVG ``<line>`` element."""
-    cls = f' class="{css_class}"' if css_class else ""
-    return f'<line{cls} x1="{_n(x1)}" x2="{_n(x2)}" y1="{_n(y1)}" y2="{_n(y2)}" stroke="{stroke}"/>'
+def _fit(artist: Any, text: str, limit_px: float, along: str = "width") -> None:
+    """Set ``text`` on a text artist, wrapped at word boundaries until it is at most ``limit_px`` long
+    (``along="height"`` for text rotated by 90 degrees, such as a vertical colour bar's label)."""
+    renderer = _renderer(artist.figure)
+    chars = len(text)
+    artist.set_text(text)
+
+    def length() -> float:
+        extent = artist.get_window_extent(renderer)
+        return extent.height if along == "height" else extent.width
+
+    # spaces inside $...$ (mathtext) must not become line breaks
+    guarded = re.sub(r"\$[^$]*\$", lambda m: m.group(0).replace(" ", "\0"), text)
+    while length() > limit_px and chars > 8:
+        chars = max(8, int(chars * 0.85))
+        lines = textwrap.wrap(guarded, chars, break_long_words=False)
+        artist.set_text("\n".join(lines).replace("\0", " "))
 
 
-def _nice_step(span: float, target: int) -> float:
-    raw = span / max(target, 1)
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    for factor in (1.0, 2.0, 5.0, 10.0):
-        if raw <= factor * magnitude * (1 + 1e-9):
-            return factor * magnitude
-    return 10.0 * magnitude
-
-
-def _nice_ticks(lo: float, hi: float, target: int = 5) -> tuple[list[float], float]:
-    """Round tick values (1, 2, 5 × 10^k apart) covering ``[lo, hi]``, and their step."""
-    if not hi > lo:
-        margin = abs(lo) * 0.1 or 0.5
-        lo, hi = lo - margin, hi + margin
-    step = _nice_step(hi - lo, target)
-    start = math.floor(lo / step + 1e-9) * step
-    stop = math.ceil(hi / step - 1e-9) * step
-    count = int(round((stop - start) / step))
-    return [float(f"{start + i * step:.12g}") for i in range(count + 1)], step
-
-
-def _format_tick(value: float, step: float) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e5 or step < 1e-4:
-        return f"{value:.3g}"
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-    return f"{value:.{decimals}f}"
-
-
-def _truncate(text: str, width: float) -> str:
-    """``text`` shortened with "…" to about ``width`` pixels at the chart font size."""
-    max_chars = max(1, int(width / _CHAR_W))
-    return text if len(text) <= max_chars else text[: max(1, max_chars - 1)] + "\u2026"
-
-
-def _legend_layout(names: Sequence[str], x0: float, x_max: float) -> tuple[list[tuple[float, int]], int]:
-    """Position ``(x, row)`` of each legend entry, wrapping rows at ``x_max``; and the row count."""
-    positions: list[tuple[float, int]] = []
-    x, row = x0, 0
-    for name in names:
-        item_w = 16 + len(name) * _CHAR_W + 14
-        if positions and x + item_w > x_max:
-            x, row = x0, row + 1
-        positions.append((x, row))
-        x += item_w
-    return positions, (row + 1 if names else 0)
-
-
-_LEGEND_ROW = 16
-
-
-def _legend(names: Sequence[str], positions: list[tuple[float, int]], y0: float) -> list[str]:
-    out = ['<g class="legend">']
-    for j, (name, (x, row)) in enumerate(zip(names, positions)):
-        y = y0 + row * _LEGEND_ROW
-        color = PALETTE[j % len(PALETTE)]
-        out.append(f'<rect class="swatch" x="{_n(x)}" y="{_n(y - 9)}" width="10" height="10" fill="{color}"/>')
-        out.append(_text(x + 14, y, name, anchor="start"))
-    out.append("</g>")
-    return out
-
-
-def _svg_open(width: int, height: int, title: str) -> list[str]:
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="{_FONT_FAMILY}" font-size="{_FONT_SIZE}" '
-        f'fill="{_TEXT_COLOR}" role="img">'
-    ]
+def _title(fig: MplFigure, title: str) -> None:
+    """The figure's title, wrapped to 96 % of the figure's width (never clipped); the figure grows by
+    the height of every line after the first, so a long title does not squeeze the plot."""
     if title:
-        out.append(f"<title>{_esc(title)}</title>")
-    out.append(f'<rect class="background" width="{width}" height="{height}" fill="#ffffff"/>')
+        artist = fig.suptitle(" ")
+        _fit(artist, str(title), fig.bbox.width * 0.96)
+        extra = artist.get_text().count("\n")
+        if extra:
+            width, height = fig.get_size_inches()
+            fig.set_size_inches(width, height + extra * 1.25 * artist.get_fontsize() / 72.0)
+
+
+def _legend(ax: Any, n: int) -> None:
+    """The legend in a row just above the plot, below the title (the layout makes room for it)."""
+    if n:
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=min(n, 4), borderaxespad=0.4,
+                  handlelength=1.4, columnspacing=1.2)
+
+
+def svg_text(fig: MplFigure) -> str:
+    """The figure as SVG text (``bbox_inches="tight"``), starting at ``<svg`` (no XML prolog).
+
+    Text is drawn as paths (no font needed to view it, identical everywhere), so the words are
+    also written where a reader or a search can find them: the figure's title as the SVG's
+    ``<title>``, and every line series as ``<g class="series">`` with its name as ``<title>``.
+    No date is written: the same figure gives the same bytes.
+    """
+    from html import escape
+
+    buffer = io.BytesIO()
+    with _style():
+        fig.savefig(buffer, format="svg", bbox_inches="tight", pad_inches=0.06,
+                    metadata={"Date": None, "Creator": None}, facecolor="white")
+    text = buffer.getvalue().decode("utf-8")
+    text = text[text.index("<svg"):]
+    names = {a.get_gid(): a.get_label() for a in fig.findobj(lambda a: str(a.get_gid() or "").startswith("series-"))}
+    for gid, name in names.items():
+        text = text.replace(f'<g id="{gid}">', f'<g id="{gid}" class="series"><title>{escape(str(name))}</title>', 1)
+    title = fig.get_suptitle()
     if title:
-        out.append(_text(width / 2, 17, title, extra=' font-size="13" font-weight="600"'))
-    return out
+        head = text.index(">") + 1
+        text = f"{text[:head]}\n <title>{escape(' '.join(title.split()))}</title>{text[head:]}"
+    return text
 
 
-def _y_axis(
-    ticks: list[float], step: float, y_of: Any, left: float, right_x: float, ylabel: str, mid_y: float
-) -> list[str]:
-    """Horizontal grid lines with tick labels, and the rotated axis label."""
-    out = ['<g class="y-axis">']
-    for tick in ticks:
-        y = y_of(tick)
-        out.append(_line(left, right_x, y, y, _GRID_COLOR))
-        out.append(_text(left - 5, y + 4, _format_tick(tick, step), anchor="end"))
-    if ylabel:
-        out.append(_text(0, 0, ylabel, extra=f' transform="translate(13 {_n(mid_y)}) rotate(-90)"'))
-    out.append("</g>")
-    return out
+def _fmt(value: float) -> str:
+    """A value printed on a chart: as :func:`vitdecomp.report.format_value` (3 decimals, or 2 significant
+    digits in scientific notation below 0.001)."""
+    from .html import format_value
+
+    return format_value(float(value))
 
 
-def _finite(values: Sequence[float]) -> list[float]:
-    return [v for v in values if math.isfinite(v)]
-
-
-def _check_size(width: int, height: int, plot_w: float, plot_h: float) -> None:
-    if plot_w < 20 or plot_h < 20:
-        raise ValueError(f"chart of {width}x{height} px leaves no room to plot (titles, legend and axes need space)")
+def _categories_axis(ax: Any, categories: Sequence[str], width_px: float) -> None:
+    """Category tick labels under bars: horizontal when they fit their group (measured with the
+    renderer), else rotated; only every n-th when groups are narrower than a line of text."""
+    n = len(categories)
+    group_px = width_px * 0.82 / max(n, 1)  # the plot takes ~82 % of the figure's width
+    every = max(1, math.ceil(14.0 / group_px))
+    shown = [c if len(c) <= 40 else c[:39] + "\u2026" for c in categories]
+    ax.set_xticks(np.arange(n), shown)
+    ax.set_xlim(-0.6, n - 0.4)
+    renderer = _renderer(ax.figure)
+    widest = max(label.get_window_extent(renderer).width for label in ax.get_xticklabels())
+    if widest <= group_px * 0.95:
+        return
+    if every > 1:
+        ax.set_xticks(np.arange(n), [c if i % every == 0 else "" for i, c in enumerate(shown)])
+    steep = n > 30
+    for label in ax.get_xticklabels():
+        label.set_rotation(90 if steep else 35)
+        label.set_horizontalalignment("right")
+        label.set_verticalalignment("center" if steep else "top")
+        label.set_rotation_mode("anchor")
 
 
 # --------------------------------------------------------------------------- charts
 
 
-def bar_chart(
-    values: Mapping[str, Sequence[float]] | Mapping[str, float],
-    *,
-    title: str = "",
-    ylabel: str = "",
-    series: Sequence[str] | None = None,
-    width: int = 640,
-    height: int = 320,
-) -> str:
-    """A (grouped) bar chart as SVG text.
-
-    Args:
-        values: Category → value (one series), or category → one value per series
-            (grouped bars, all sequences the same length). Categories keep mapping order.
-        title: Title on top.
-        ylabel: Label of the value axis.
-        series: Series names for the legend (one per value in each group). Without it,
-            grouped values are named "series 1", "series 2", ... and a single series gets
-            no legend.
-        width: Width in pixels.
-        height: Height in pixels.
-
-    Returns:
-        An SVG document: one ``<rect class="bar">`` per finite value (non-finite values are
-        left out), bars rising from (or hanging below) zero, a value axis with round ticks,
-        category names under the groups (rotated when too wide for their group, then
-        shortened with "…" past 120 px, and only every n-th one when groups are very narrow)
-        and a legend.
-    """
+def _bar_groups(values: Mapping[str, Sequence[float]] | Mapping[str, float]) -> tuple[list[str], np.ndarray]:
+    """Categories and a ``[category, series]`` float array from the two accepted forms of ``values``."""
     if not values:
         raise ValueError("bar_chart needs at least one category")
     categories = [str(key) for key in values]
-    groups: list[list[float]] = []
     scalar = all(isinstance(v, numbers.Real) for v in values.values())
+    groups: list[list[float]] = []
     for key, value in values.items():
         if scalar:
             groups.append([float(value)])  # type: ignore[arg-type]
@@ -314,70 +363,165 @@ def bar_chart(
             groups.append([float(v) for v in value])  # type: ignore[union-attr]
     k = len(groups[0])
     if k == 0 or any(len(g) != k for g in groups):
-        counts = [len(g) for g in groups]
-        raise ValueError(f"bar_chart: every category needs the same number (>= 1) of values, got {counts}")
+        raise ValueError(f"bar_chart: every category needs the same number (>= 1) of values, "
+                         f"got {[len(g) for g in groups]}")
+    return categories, np.asarray(groups, dtype=np.float64)
+
+
+def bar_chart_figure(
+    values: Mapping[str, Sequence[float]] | Mapping[str, float],
+    *,
+    title: str = "",
+    ylabel: str = "",
+    xlabel: str = "",
+    series: Sequence[str] | None = None,
+    errors: Mapping[str, Sequence[float]] | Mapping[str, float] | None = None,
+    ylim: tuple[float, float] | None = None,
+    annotate: bool | None = None,
+    width: int = 640,
+    height: int = 320,
+) -> MplFigure:
+    """The matplotlib figure of :func:`bar_chart` (same arguments)."""
+    categories, data = _bar_groups(values)
+    n, k = data.shape
     if series is not None and len(series) != k:
         raise ValueError(f"bar_chart: {len(series)} series names for {k} values per category")
     if series is not None:
         names = [str(s) for s in series]
     else:
         names = [] if k == 1 else [f"series {j + 1}" for j in range(k)]
+    err = None
+    if errors is not None:
+        unknown = [c for c in errors if str(c) not in categories]
+        if unknown:
+            raise ValueError(f"bar_chart: errors for unknown categories {unknown}")
+        err = np.full((n, k), np.nan)
+        for c, e in errors.items():
+            row = np.atleast_1d(np.asarray(e, dtype=np.float64))
+            if row.shape != (k,):
+                raise ValueError(f"bar_chart: errors of {c!r} need {k} values")
+            err[categories.index(str(c))] = row
+    show_values = annotate if annotate is not None else n * k <= 24
+    with _style():
+        fig = _new_figure(width, height)
+        ax = fig.add_subplot()
+        ax.grid(axis="y")
+        x = np.arange(n)
+        bar_w = 0.8 / k
+        for j in range(k):
+            offsets = x - 0.4 + bar_w * (j + 0.5)
+            finite = np.isfinite(data[:, j])
+            ax.bar(offsets[finite], data[finite, j], width=bar_w * 0.92, color=PALETTE[j % len(PALETTE)],
+                   label=names[j] if names else None)
+            spread = np.zeros(n) if err is None else np.where(np.isfinite(err[:, j]), err[:, j], 0.0)
+            if err is not None:
+                has = finite & np.isfinite(err[:, j])
+                ax.errorbar(offsets[has], data[has, j], yerr=err[has, j], fmt="none", ecolor="#1F2328",
+                            elinewidth=1, capsize=3)
+            if show_values:
+                for xi, v, e in zip(offsets[finite], data[finite, j], spread[finite]):
+                    top = v + e if v >= 0 else v - e
+                    ax.annotate(_fmt(v), (xi, top), xytext=(0, 2 if v >= 0 else -2), textcoords="offset points",
+                                ha="center", va="bottom" if v >= 0 else "top", fontsize=_FONT_PT - 1)
+        ax.axhline(0.0, color="#59636E", linewidth=0.8)
+        _categories_axis(ax, categories, width)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        if show_values:
+            ax.margins(y=0.12)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        if xlabel:
+            ax.set_xlabel(xlabel)
+        _legend(ax, len(names))
+        _title(fig, title)
+    return fig
 
-    left, right = (70.0 if ylabel else 54.0), 12.0
-    group_w = (width - left - right) / len(categories)
-    longest = max(len(c) for c in categories) * _CHAR_W
-    rotate = longest > group_w - 4
-    label_px = min(longest, _MAX_LABEL_PX)
-    bottom = 24.0 + label_px * math.sin(math.radians(_LABEL_ANGLE)) if rotate else 34.0
-    label_every = max(1, math.ceil(18.0 / group_w)) if rotate else 1  # rotated labels need ~18 px each
-    positions, legend_rows = _legend_layout(names, left, width - right)
-    legend_y = (36.0 if title else 16.0) if names else 0.0
-    top = (28.0 if title else 10.0) + legend_rows * _LEGEND_ROW + (6.0 if names else 0.0)
-    plot_w, plot_h = width - left - right, height - top - bottom
-    _check_size(width, height, plot_w, plot_h)
 
-    finite = _finite([v for g in groups for v in g])
-    ticks, step = _nice_ticks(min([0.0, *finite]), max([0.0, *finite]))
-    lo, hi = ticks[0], ticks[-1]
+def bar_chart(
+    values: Mapping[str, Sequence[float]] | Mapping[str, float],
+    *,
+    title: str = "",
+    ylabel: str = "",
+    xlabel: str = "",
+    series: Sequence[str] | None = None,
+    errors: Mapping[str, Sequence[float]] | Mapping[str, float] | None = None,
+    ylim: tuple[float, float] | None = None,
+    annotate: bool | None = None,
+    width: int = 640,
+    height: int = 320,
+) -> str:
+    """A (grouped) bar chart, as SVG text.
 
-    def y_of(value: float) -> float:
-        return top + plot_h * (hi - value) / (hi - lo)
+    Bar ``(i, j)`` rises from (or hangs below) 0 to ``values[category_i][j]``; non-finite
+    values are left out. Categories keep mapping order; their names are rotated when too wide
+    for their group (and only every n-th is shown when groups are very narrow).
 
-    out = _svg_open(width, height, title)
-    out += _y_axis(ticks, step, y_of, left, left + plot_w, ylabel, top + plot_h / 2)
-    bar_w = group_w * 0.8 / k
-    zero = y_of(0.0)
-    out.append('<g class="bars">')
-    for i, (category, group) in enumerate(zip(categories, groups)):
-        for j, value in enumerate(group):
-            if not math.isfinite(value):
-                continue
-            x = left + i * group_w + group_w * 0.1 + j * bar_w
-            y = min(y_of(value), zero)
-            label = f"{category} · {names[j]}: {value:.4g}" if names else f"{category}: {value:.4g}"
-            out.append(
-                f'<rect class="bar" x="{_n(x)}" y="{_n(y)}" width="{_n(max(bar_w - 1, 1))}" '
-                f'height="{_n(abs(y_of(value) - zero))}" fill="{PALETTE[j % len(PALETTE)]}">'
-                f"<title>{_esc(label)}</title></rect>"
-            )
-    out.append("</g>")
-    out.append(_line(left, left + plot_w, zero, zero, _AXIS_COLOR, "baseline"))
-    out.append('<g class="x-axis">')
-    for i, category in enumerate(categories):
-        x = left + (i + 0.5) * group_w
-        if i % label_every:
-            continue
-        if rotate:
-            y = top + plot_h + 12
-            turn = f' transform="rotate(-{_LABEL_ANGLE:g} {_n(x + 3)} {_n(y)})"'
-            out.append(_text(x + 3, y, _truncate(category, label_px), anchor="end", extra=turn))
-        else:
-            out.append(_text(x, top + plot_h + 15, category))
-    out.append("</g>")
-    if names:
-        out += _legend(names, positions, legend_y)
-    out.append("</svg>")
-    return "\n".join(out)
+    Args:
+        values: Category → value (one series), or category → one value per series
+            (grouped bars, all sequences the same length).
+        title: Title on top (wrapped to the width).
+        ylabel: Label of the value axis, with its units (shares and accuracies: "(fraction)").
+        xlabel: Label of the category axis.
+        series: Series names for the legend (one per value in each group). Without it,
+            grouped values are named "series 1", "series 2", ... and a single series gets
+            no legend.
+        errors: Optional category → half-length of an error bar per series (e.g. one sd).
+        ylim: Value-axis limits (e.g. ``(0, 1)`` for accuracies); default from the data.
+        annotate: Print each value above its bar (default: when there are at most 24 bars).
+        width: Width in pixels (at 100 dpi).
+        height: Height in pixels.
+
+    Returns:
+        An SVG document (text starting with ``<svg``).
+    """
+    return svg_text(bar_chart_figure(values, title=title, ylabel=ylabel, xlabel=xlabel, series=series,
+                                      errors=errors, ylim=ylim, annotate=annotate, width=width, height=height))
+
+
+def line_chart_figure(
+    x: Sequence[float],
+    ys: Mapping[str, Sequence[float]],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    ylim: tuple[float, float] | None = None,
+    integer_x: bool = False,
+    width: int = 640,
+    height: int = 320,
+) -> MplFigure:
+    """The matplotlib figure of :func:`line_chart` (same arguments)."""
+    xs = np.asarray([float(v) for v in x], dtype=np.float64)
+    if xs.size == 0 or not np.all(np.isfinite(xs)):
+        raise ValueError("line_chart needs at least one x value, all finite")
+    if not ys:
+        raise ValueError("line_chart needs at least one series")
+    series = {str(name): np.asarray([float(v) for v in values], dtype=np.float64) for name, values in ys.items()}
+    for name, values in series.items():
+        if len(values) != len(xs):
+            raise ValueError(f"line_chart: series {name!r} has {len(values)} values for {len(xs)} x values")
+    from matplotlib.ticker import MaxNLocator
+
+    with _style():
+        fig = _new_figure(width, height)
+        ax = fig.add_subplot()
+        ax.grid(True)
+        markers = "o" if len(xs) <= 40 else None
+        for j, (name, values) in enumerate(series.items()):
+            ax.plot(xs, values, marker=markers, markersize=3.5, linewidth=1.8, color=PALETTE[j % len(PALETTE)],
+                    label=name, gid=f"series-{j}")  # NaN values break the line
+        if integer_x:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        if xlabel:
+            ax.set_xlabel(xlabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        _legend(ax, len(series))
+        _title(fig, title)
+    return fig
 
 
 def line_chart(
@@ -387,6 +531,8 @@ def line_chart(
     title: str = "",
     xlabel: str = "",
     ylabel: str = "",
+    ylim: tuple[float, float] | None = None,
+    integer_x: bool = False,
     width: int = 640,
     height: int = 320,
 ) -> str:
@@ -395,86 +541,43 @@ def line_chart(
     Args:
         x: The x values (finite), shared by every series.
         ys: Series name → y values, each as long as ``x``. Non-finite y values break the line.
-        title: Title on top.
+        title: Title on top (wrapped to the width).
         xlabel: Label of the x axis.
-        ylabel: Label of the y axis.
-        width: Width in pixels.
+        ylabel: Label of the y axis, with its units (shares and accuracies: "(fraction)").
+        ylim: y limits; default from the data.
+        integer_x: Only whole-number ticks on the x axis (counts).
+        width: Width in pixels (at 100 dpi).
         height: Height in pixels.
 
     Returns:
-        An SVG document: one ``<path class="series">`` per series (plus a
-        ``<circle class="point">`` per finite point when there are at most 40 points),
-        axes with round ticks and a legend.
+        An SVG document: one line per series (with a marker per point when there are at most
+        40 points) and a legend above the plot.
     """
-    xs = [float(v) for v in x]
-    if not xs or not all(math.isfinite(v) for v in xs):
-        raise ValueError("line_chart needs at least one x value, all finite")
-    if not ys:
-        raise ValueError("line_chart needs at least one series")
-    series = {str(name): [float(v) for v in values] for name, values in ys.items()}
-    for name, values in series.items():
-        if len(values) != len(xs):
-            raise ValueError(f"line_chart: series {name!r} has {len(values)} values for {len(xs)} x values")
-    names = list(series)
+    return svg_text(line_chart_figure(x, ys, title=title, xlabel=xlabel, ylabel=ylabel, ylim=ylim,
+                                        integer_x=integer_x, width=width, height=height))
 
-    left, right, bottom = (70.0 if ylabel else 54.0), 16.0, (48.0 if xlabel else 30.0)
-    positions, legend_rows = _legend_layout(names, left, width - right)
-    legend_y = 36.0 if title else 16.0
-    top = (28.0 if title else 10.0) + legend_rows * _LEGEND_ROW + 6.0
-    plot_w, plot_h = width - left - right, height - top - bottom
-    _check_size(width, height, plot_w, plot_h)
 
-    x_lo, x_hi = min(xs), max(xs)
-    x_ticks, x_step = _nice_ticks(x_lo, x_hi)
-    if x_hi == x_lo:
-        x_lo, x_hi = x_ticks[0], x_ticks[-1]
-    else:
-        x_ticks = [t for t in x_ticks if x_lo - 1e-9 * x_step <= t <= x_hi + 1e-9 * x_step]
-    finite = _finite([v for values in series.values() for v in values]) or [0.0]
-    y_ticks, y_step = _nice_ticks(min(finite), max(finite))
-    y_lo, y_hi = y_ticks[0], y_ticks[-1]
-
-    def x_of(value: float) -> float:
-        return left + plot_w * (value - x_lo) / (x_hi - x_lo)
-
-    def y_of(value: float) -> float:
-        return top + plot_h * (y_hi - value) / (y_hi - y_lo)
-
-    out = _svg_open(width, height, title)
-    out += _y_axis(y_ticks, y_step, y_of, left, left + plot_w, ylabel, top + plot_h / 2)
-    out.append('<g class="x-axis">')
-    axis_y = top + plot_h
-    out.append(_line(left, left + plot_w, axis_y, axis_y, _AXIS_COLOR))
-    for tick in x_ticks:
-        px = x_of(tick)
-        out.append(_line(px, px, axis_y, axis_y + 4, _AXIS_COLOR))
-        out.append(_text(px, axis_y + 16, _format_tick(tick, x_step)))
-    if xlabel:
-        out.append(_text(left + plot_w / 2, axis_y + 34, xlabel))
-    out.append("</g>")
-    markers = len(xs) <= 40
-    for j, (name, values) in enumerate(series.items()):
-        color = PALETTE[j % len(PALETTE)]
-        commands: list[str] = []
-        pen_down = False
-        for xv, yv in zip(xs, values):
-            if not math.isfinite(yv):
-                pen_down = False
-                continue
-            commands.append(f"{'L' if pen_down else 'M'}{_n(x_of(xv))} {_n(y_of(yv))}")
-            pen_down = True
-        out.append(f'<g class="line"><title>{_esc(name)}</title>')
-        out.append(f'<path class="series" d="{" ".join(commands)}" fill="none" stroke="{color}" stroke-width="2"/>')
-        if markers:
-            out.extend(
-                f'<circle class="point" cx="{_n(x_of(xv))}" cy="{_n(y_of(yv))}" r="2.5" fill="{color}"/>'
-                for xv, yv in zip(xs, values)
-                if math.isfinite(yv)
-            )
-        out.append("</g>")
-    out += _legend(names, positions, legend_y)
-    out.append("</svg>")
-    return "\n".join(out)
+def ablation_curves_figure(
+    curves: Mapping[str, Sequence[tuple[float, float | None]]],
+    *,
+    title: str = "cumulative block ablation",
+    xlabel: str = "blocks ablated",
+    ylabel: str = f"accuracy {FRACTION}",
+    width: int = 640,
+    height: int = 320,
+) -> MplFigure:
+    """The matplotlib figure of :func:`ablation_curves` (same arguments)."""
+    if not curves:
+        raise ValueError("ablation_curves needs at least one curve")
+    xs = sorted({float(n) for points in curves.values() for n, _ in points})
+    ys = {}
+    for name, points in curves.items():
+        lookup = {float(n): (math.nan if v is None else float(v)) for n, v in points}
+        ys[str(name)] = [lookup.get(x, math.nan) for x in xs]
+    finite = [v for vs in ys.values() for v in vs if math.isfinite(v)]
+    in_unit = bool(finite) and min(finite) >= 0.0 and max(finite) <= 1.0
+    return line_chart_figure(xs, ys, title=title, xlabel=xlabel, ylabel=ylabel, width=width, height=height,
+                             ylim=(0.0, 1.02) if in_unit else None, integer_x=True)
 
 
 def ablation_curves(
@@ -482,11 +585,14 @@ def ablation_curves(
     *,
     title: str = "cumulative block ablation",
     xlabel: str = "blocks ablated",
-    ylabel: str = "accuracy",
+    ylabel: str = f"accuracy {FRACTION}",
     width: int = 640,
     height: int = 320,
 ) -> str:
-    """SVG line chart of cumulative ablation curves (:func:`line_chart`).
+    """Cumulative ablation curves (:func:`line_chart`), as SVG text.
+
+    Accuracy after ablating the first ``n`` blocks, one line per direction; the y axis spans
+    ``[0, 1]`` when every score is a fraction, and x ticks are whole numbers.
 
     Args:
         curves: series name -> ``[(n, score), ...]``; x values may differ between series (the
@@ -495,25 +601,326 @@ def ablation_curves(
     Returns:
         The SVG document as text.
     """
-    if not curves:
-        raise ValueError("ablation_curves needs at least one curve")
-    xs = sorted({float(n) for points in curves.values() for n, _ in points})
-    ys = {}
-    for name, points in curves.items():
-        lookup = {float(n): (math.nan if v is None else float(v)) for n, v in points}
-        ys[str(name)] = [lookup.get(x, math.nan) for x in xs]
-    return line_chart(xs, ys, title=title, xlabel=xlabel, ylabel=ylabel, width=width, height=height)
+    return svg_text(ablation_curves_figure(curves, title=title, xlabel=xlabel, ylabel=ylabel, width=width,
+                                           height=height))
 
-def debias_chart(result: Any, title: str = "") -> str:
-    """SVG: worst-group and average-group accuracy of a :class:`~vitdecomp.apps.debias.DebiasResult`:
-    baseline, ablated, variance control, random mean / max."""
+
+def debias_chart_figure(result: Any, title: str = "") -> MplFigure:
+    """The matplotlib figure of :func:`debias_chart`."""
     s = result.random_summary()
+    k = result.k
     values = {
         "baseline": [result.baseline["worst_group"], result.baseline["average_group"]],
-        f"top-{result.k} contrastive": [result.ablated["worst_group"], result.ablated["average_group"]],
-        f"top-{result.k} variance": [result.variance_control["worst_group"], result.variance_control["average_group"]],
-        f"random mean (sd {s['worst_group_sd']:.2f})": [s["worst_group_mean"], s["average_group_mean"]],
-        "random max": [s["worst_group_max"], s["average_group_max"]],
+        f"top-{k}\ncontrastive\nablated": [result.ablated["worst_group"], result.ablated["average_group"]],
+        f"top-{k}\nvariance\nablated": [result.variance_control["worst_group"],
+                                        result.variance_control["average_group"]],
+        f"random {k}\n(mean ± sd)": [s["worst_group_mean"], s["average_group_mean"]],
+        f"random {k}\n(max)": [s["worst_group_max"], s["average_group_max"]],
     }
-    return bar_chart(values, title=title or "Waterbirds test accuracy", ylabel="accuracy",
-                     series=["worst-group", "average-group (unweighted)"], width=720)
+    errors = {f"random {k}\n(mean ± sd)": [s["worst_group_sd"], s["average_group_sd"]]}
+    return accuracy_bars_figure(values, errors=errors, title=title or "Waterbirds test accuracy")
+
+
+def accuracy_bars_figure(values: Mapping[str, Sequence[float]], *,
+                         errors: Mapping[str, Sequence[float]] | None = None, title: str = "") -> MplFigure:
+    """The matplotlib figure of :func:`accuracy_bars` (same arguments)."""
+    return bar_chart_figure(values, title=title, ylabel=f"test accuracy {FRACTION}", errors=errors,
+                            series=["worst-group", "average-group (unweighted)"], ylim=(0.0, 1.1), annotate=True,
+                            width=720, height=340)
+
+
+def accuracy_bars(values: Mapping[str, Sequence[float]], *, errors: Mapping[str, Sequence[float]] | None = None,
+                  title: str = "") -> str:
+    """Worst-group and unweighted average-group accuracy per intervention, as SVG text.
+
+    Args:
+        values: intervention -> ``[worst-group, average-group]`` accuracies (fractions).
+        errors: intervention -> ``[sd, sd]`` drawn as error bars (e.g. over random draws).
+        title: Title (wrapped).
+
+    Returns:
+        A grouped bar chart on a ``[0, 1]`` axis with every value printed above its bar.
+    """
+    return svg_text(accuracy_bars_figure(values, errors=errors, title=title))
+
+
+def debias_chart(result: Any, title: str = "") -> str:
+    """Worst-group and unweighted average-group test accuracy of a
+    :class:`~vitdecomp.apps.debias.DebiasResult`, as SVG text: baseline, the top-k contrastive
+    components ablated, the top-k variance control, random draws (mean with ± one sd error bars,
+    and max). Accuracies are fractions on a ``[0, 1]`` axis, each printed above its bar."""
+    return svg_text(debias_chart_figure(result, title=title))
+
+
+# --------------------------------------------------------------------------- heat maps
+
+
+def _limits(data: np.ndarray, signed: bool | None) -> tuple[bool, float]:
+    """(signed, m): signed maps get ``[-m, m]``, ``m = max |x|``; unsigned ``[0, m]``, ``m = max x``."""
+    finite = data[np.isfinite(data)]
+    if signed is None:
+        signed = bool(finite.size and finite.min() < 0)
+    m = float(np.max(np.abs(finite))) if finite.size else 1.0
+    return signed, (m if m > 0 else 1.0)
+
+
+def heatmap_figure(
+    values: Any,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    *,
+    cbar_label: str,
+    title: str = "",
+    signed: bool | None = None,
+    annotate: bool | None = None,
+    nan_label: str = "undefined",
+    cell: float = 18.0,
+) -> MplFigure:
+    """The matplotlib figure of :func:`heatmap` (same arguments)."""
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+    from matplotlib.patches import Patch
+
+    data = np.asarray(values, dtype=np.float64)
+    if data.ndim != 2 or data.shape != (len(rows), len(columns)):
+        raise ValueError(f"heatmap: values of shape {data.shape} for {len(rows)} rows x {len(columns)} columns")
+    if data.size == 0:
+        raise ValueError("heatmap needs at least one cell")
+    if not cbar_label:
+        raise ValueError("heatmap needs cbar_label: what the colours mean, with units")
+    signed, m = _limits(data, signed)
+    n_rows, n_cols = data.shape
+    show = annotate if annotate is not None else n_rows * n_cols <= 400
+    col_w = max(52.0, min(110.0, 7.0 * max(len(c) for c in columns)))
+    row_label_px = 7.0 * max(len(r) for r in rows)
+    rotate = max(len(c) for c in columns) * _AVG_CHAR_PX > col_w - 4
+    column_label_px = 0.6 * _AVG_CHAR_PX * max(len(c) for c in columns) if rotate else 0.0
+    width = max(360.0, row_label_px + col_w * n_cols + 170)
+    height = max(220.0, cell * n_rows + 100 + column_label_px)
+    with _style():
+        import matplotlib
+
+        fig = _new_figure(width, height)
+        ax = fig.add_subplot()
+        cmap = matplotlib.colormaps[SIGNED_CMAP if signed else UNSIGNED_CMAP].with_extremes(bad=_NAN_COLOUR)
+        norm = TwoSlopeNorm(vcenter=0.0, vmin=-m, vmax=m) if signed else Normalize(vmin=0.0, vmax=m)
+        mesh = ax.pcolormesh(np.ma.masked_invalid(data), cmap=cmap, norm=norm, edgecolors="white", linewidth=0.5)
+        ax.set_xlim(0, n_cols)
+        ax.set_ylim(n_rows, 0)  # first row on top
+        ax.set_xticks(np.arange(n_cols) + 0.5, [str(c) for c in columns])
+        ax.set_yticks(np.arange(n_rows) + 0.5, [str(r) for r in rows])
+        ax.tick_params(length=0)
+        ax.xaxis.tick_top()
+        ax.spines[:].set_visible(False)
+        if rotate:
+            for label in ax.get_xticklabels():
+                label.set_rotation(35)
+                label.set_horizontalalignment("left")
+                label.set_rotation_mode("anchor")
+        if show:
+            for i in range(n_rows):
+                for j in range(n_cols):
+                    v = data[i, j]
+                    if not math.isfinite(v):
+                        continue
+                    dark = abs(float(norm(v)) - (0.5 if signed else 0.0)) > (0.3 if signed else 0.6)
+                    ax.text(j + 0.5, i + 0.5, f"{v:.2f}" if abs(v) >= 0.005 or v == 0 else f"{v:.0e}",
+                            ha="center", va="center", fontsize=_FONT_PT - 1.5,
+                            color="white" if dark else "#1F2328")
+        bar = fig.colorbar(mesh, ax=ax, shrink=1.0 if n_rows <= 40 else 0.6, aspect=max(20, min(40, n_rows)),
+                           pad=0.02)
+        bar.set_label(" ")
+        _fit(bar.ax.yaxis.label, cbar_label, max(100.0, cell * n_rows * (1.0 if n_rows <= 40 else 0.6)) * 0.95,
+             along="height")
+        bar.ax.set_gid("colorbar")
+        if not np.all(np.isfinite(data)):
+            fig.legend(handles=[Patch(facecolor=_NAN_COLOUR, label=nan_label)], loc="outside lower center")
+        _title(fig, title)
+    return fig
+
+
+def heatmap(
+    values: Any,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    *,
+    cbar_label: str,
+    title: str = "",
+    signed: bool | None = None,
+    annotate: bool | None = None,
+    nan_label: str = "undefined",
+    cell: float = 18.0,
+) -> str:
+    """A labelled heat map of a ``[rows, columns]`` table with a colour bar, as SVG text.
+
+    Colours: with ``m = max |x|`` over the finite cells, a signed map (``signed=True``, or by
+    default when any value is negative) uses ``RdBu_r`` on ``[-m, m]`` centred at 0
+    (``TwoSlopeNorm``), an unsigned one ``Reds`` on ``[0, m]``. Non-finite cells are grey and
+    named ``nan_label`` in a legend. Every cell gets its value printed (2 decimals) when there
+    are at most 400 cells.
+
+    Args:
+        values: ``[len(rows), len(columns)]`` numbers.
+        rows: Row labels, top to bottom.
+        columns: Column labels, left to right (on top).
+        cbar_label: What the colours are, with units (required).
+        title: Title (wrapped).
+        signed: Force a diverging (True) or sequential (False) map.
+        annotate: Print the values in the cells (default: at most 400 cells).
+        nan_label: Legend text of grey cells.
+        cell: Row height in pixels.
+
+    Returns:
+        The SVG document as text.
+    """
+    return svg_text(heatmap_figure(values, rows, columns, cbar_label=cbar_label, title=title, signed=signed,
+                                   annotate=annotate, nan_label=nan_label, cell=cell))
+
+
+def score_units(kind: str, share: bool = False) -> str:
+    """The colour-bar label of a score table's kind (``"corr"``, ``"var_attributed"``, ...), with units."""
+    base = kind.split("[", 1)[1].rstrip("]") if kind.startswith("selectivity[") else kind
+    names = {
+        "corr": "correlation score (Pearson r, -1 to 1)",
+        "var_attributed": ("share of the feature's variance " + FRACTION) if share else
+                          "variance attributed (squared representation units)",
+        "var_explained": f"variance explained {FRACTION}",
+    }
+    text = names.get(base, base)
+    return f"selectivity: {text} minus the mean over the other features" if kind.startswith("selectivity[") else text
+
+
+def score_heatmap_figure(table: Any, *, components: Sequence[str] | None = None, title: str | None = None
+                         ) -> MplFigure:
+    """The matplotlib figure of :func:`score_heatmap` (same arguments)."""
+    labels = [str(x) for x in table.labels]
+    rows = list(range(len(labels))) if components is None else [labels.index(str(c)) for c in components]
+    data = np.asarray(table.scores, dtype=np.float64)[rows]
+    share = bool(getattr(table, "meta", {}).get("share", False))
+    signed = True if str(table.kind).startswith(("corr", "selectivity")) else None
+    return heatmap_figure(data, [labels[i] for i in rows], list(table.features),
+                          cbar_label=score_units(str(table.kind), share), title=title or str(table.kind),
+                          signed=signed, nan_label="undefined (constant component, e.g. a bias)")
+
+
+def score_heatmap(table: Any, *, components: Sequence[str] | None = None, title: str | None = None) -> str:
+    """A :class:`~vitdecomp.interpret.score.ScoreTable` as a heat map (components × features), as SVG text.
+
+    Rows are components (``components`` picks and orders them; default all), columns features;
+    correlation and selectivity scores use a diverging map centred at 0 with symmetric limits,
+    the colour bar names the score and its units, and components whose score is undefined (a
+    constant row such as a bias has no correlation) are grey. See :func:`heatmap`.
+    """
+    return svg_text(score_heatmap_figure(table, components=components, title=title))
+
+
+@dataclass(frozen=True)
+class OverlayColumn:
+    """One column of :func:`overlay_grid`: a map per image, drawn over the image.
+
+    Attributes:
+        title: Column heading (e.g. ``"decomposition (colour texts)"``).
+        maps: One ``[h, w]`` map per image (any grid; resized to the image bilinearly).
+        units: Colour-bar label: what the values are, with units.
+        signed: Diverging blue–white–red on ``[-m, m]`` (True), or white–red on ``[0, m]``.
+    """
+
+    title: str
+    maps: Sequence[Any]
+    units: str
+    signed: bool = True
+
+
+def overlay_grid_figure(images: Sequence[Any], columns: Sequence[OverlayColumn], *, title: str = "",
+                        alpha: float = 0.6, tile: float = 150.0, image_title: str = "image") -> MplFigure:
+    """The matplotlib figure of :func:`overlay_grid` (same arguments)."""
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
+    from ..apps.heatmap import overlay_colormap, render_overlay
+
+    if not images or not columns:
+        raise ValueError("overlay_grid needs at least one image and one column")
+    for col in columns:
+        if len(col.maps) != len(images):
+            raise ValueError(f"overlay_grid: column {col.title!r} has {len(col.maps)} maps for {len(images)} images")
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.ticker import FuncFormatter
+
+    n_rows, n_cols = len(images), len(columns) + 1
+    first = np.asarray(images[0])
+    aspect = first.shape[0] / max(1, first.shape[1])
+    with _style():
+        fig = _new_figure(tile * n_cols + 20, tile * aspect * n_rows + 125 + (30 if title else 0))
+        axes = fig.subplots(n_rows, n_cols, squeeze=False)
+        for i, image in enumerate(images):
+            axes[i, 0].imshow(np.asarray(image), interpolation="none")  # embedded as is, drawn pixelated
+        for j, col in enumerate(columns, start=1):
+            maps = [_as_array(x) for x in col.maps]
+            m = max(float(np.max(np.abs(x))) for x in maps) or 1.0
+            for i, (image, h) in enumerate(zip(images, maps)):
+                axes[i, j].imshow(np.asarray(render_overlay(image, h, alpha=alpha, vmax=m)), interpolation="none")
+            norm = TwoSlopeNorm(vcenter=0.0, vmin=-m, vmax=m) if col.signed else Normalize(vmin=0.0, vmax=m)
+            bar = fig.colorbar(ScalarMappable(norm=norm, cmap=overlay_colormap(col.signed)), ax=axes[:, j],
+                               location="bottom", shrink=0.8, aspect=12, pad=0.03)
+            bar.set_label(" ")
+            _fit(bar.ax.xaxis.label, col.units, tile * 0.95)
+            bar.ax.tick_params(labelsize=_FONT_PT - 1)
+            bar.ax.set_gid("colorbar")
+            bar.ax.xaxis.set_major_locator(_symmetric_locator(m, col.signed))
+            bar.ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: "0" if v == 0 else f"{v:.3g}"))
+        for j, heading in enumerate([image_title, *(c.title for c in columns)]):
+            _fit(axes[0, j].set_title(" ", fontsize=_FONT_PT), heading, tile * 0.95)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(True)
+            ax.spines[:].set_color("#D1D9E0")
+        # the image column gets an empty colour-bar slot so that the rows stay aligned
+        spacer = fig.colorbar(_blank_mappable(), ax=axes[:, 0], location="bottom", shrink=0.8, aspect=12, pad=0.03)
+        spacer.ax.set_visible(False)
+        _title(fig, title)
+    return fig
+
+
+def _as_array(value: Any) -> np.ndarray:
+    """A map (numpy array or torch tensor) as a float32 numpy array."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().double().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _blank_mappable() -> Any:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    return ScalarMappable(norm=Normalize(0.0, 1.0), cmap="Greys")
+
+
+def _symmetric_locator(m: float, signed: bool) -> Any:
+    """Ticks at ``-m, 0, m`` (signed) or ``0, m``: the ends of the scale and its centre are labelled."""
+    from matplotlib.ticker import FixedLocator
+
+    return FixedLocator([-m, 0.0, m] if signed else [0.0, m])
+
+
+def overlay_grid(images: Sequence[Any], columns: Sequence[OverlayColumn], *, title: str = "", alpha: float = 0.6,
+                 tile: float = 150.0, image_title: str = "image") -> str:
+    """Images (one per row) with maps drawn over them (one column per kind of map), as SVG text.
+
+    Each map is drawn by :func:`vitdecomp.apps.heatmap.render_overlay` over its image. A column
+    shares one scale across its rows, ``m = max |h|`` over the column, so that the colour bar
+    under the column (labelled with ``units``) holds for every tile in it: signed columns
+    ``[-m, m]`` blue–white–red centred at 0, unsigned ones ``[0, m]`` white–red.
+
+    Args:
+        images: uint8 ``[H, W, 3]`` arrays or PIL images, one per row.
+        columns: The maps, one :class:`OverlayColumn` per column after the image column.
+        title: Title (wrapped).
+        alpha: Weight of the colours in the blend over the image.
+        tile: Size of a tile in pixels.
+        image_title: Heading of the first column.
+
+    Returns:
+        The SVG document as text.
+    """
+    return svg_text(overlay_grid_figure(images, columns, title=title, alpha=alpha, tile=tile,
+                                        image_title=image_title))

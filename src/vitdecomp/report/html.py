@@ -1,8 +1,16 @@
-"""Self-contained HTML reports: a tiny document model, a renderer and a well-formedness check.
+"""Self-contained HTML reports: a tiny document model, rendered from Jinja2 templates, and a check.
 
-Standard library only (PIL is imported inside :meth:`Figure.from_pil`, when needed). A report is one
-HTML5 file that opens from disk with no network and no JavaScript: styles are inline, and
-every image is embedded as a ``data:`` URI (PNG, or SVG for charts).
+A report is one HTML5 file that opens from disk with no network and no JavaScript: styles are
+inline, and every image is embedded as a ``data:`` URI (PNG, or SVG for charts). The page is
+rendered from the templates shipped in ``vitdecomp/report/templates/`` (``report.html.j2``,
+``items.html.j2`` with one macro per item, ``report.css``) with autoescaping on; Jinja2 is
+imported on the first render, so importing this module needs the standard library only (PIL is
+imported inside :meth:`Figure.from_pil`).
+
+Numbers follow one convention in every report (:data:`NUMBER_CONVENTION`, printed in each
+report's footer): shares and accuracies are fractions in [0, 1], never percent; table cells
+have 3 decimals, and magnitudes below 0.001 or from 1e6 up are written in scientific notation
+(:func:`format_value`: ``5e-7`` is ``5.0e-07``, not ``0.000``).
 
 Document model::
 
@@ -29,8 +37,9 @@ Example::
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
+import math
 import numbers
 import os
 import re
@@ -41,24 +50,35 @@ from pathlib import Path
 from typing import Any, Union
 from urllib.parse import unquote
 
-__all__ = ["Table", "Figure", "Grid", "Section", "Report", "check_html", "format_value"]
+__all__ = ["Table", "Figure", "Grid", "Section", "Report", "check_html", "format_value", "NUMBER_CONVENTION",
+           "TEMPLATES"]
+
+#: The unit and number convention of every report, table and figure (shown in each report's footer).
+NUMBER_CONVENTION = ("Shares and accuracies are fractions in [0, 1] (not percent). Numbers have 3 decimals; "
+                     "magnitudes below 0.001 or of 1e6 and more are in scientific notation (5.0e-07).")
+#: Folder of the page templates (package data).
+TEMPLATES = Path(__file__).with_name("templates")
+#: Below this magnitude (and from ``_LARGE`` up) a fixed-point format switches to scientific notation.
+_SMALL = 1e-3
+_LARGE = 1e6
+#: Text that reads as a number, possibly with a spread or a bracketed number: "0.744 ± 0.059", "0.000 (0.000)".
+_NUMERIC_TEXT = re.compile(r"^[-+\u2212]?(\d[\d.,]*(e[-+]?\d+)?)( ± [\d.]+(e[-+]?\d+)?)?( \([-+]?[\d.]+\))?$")
+_FIXED = re.compile(r"^\{:[^{}]*\.(\d+)f\}$")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Modes PNG can store as they are; anything else is converted to RGB(A) first.
 _PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
 
 
-def _esc(text: object) -> str:
-    """HTML-escape ``text`` (as ``str``) for element content and quoted attribute values."""
-    return html.escape(str(text), quote=True)
-
-
 def format_value(value: Any, numeric_format: str = "{:.3f}") -> str:
     """Format one table or meta cell as plain (unescaped) text.
 
     ``None`` is shown as an em dash, booleans (also numpy's) as ``yes``/``no``, integers
-    as they are, other real numbers (Python or numpy floats) with ``numeric_format``;
-    anything else with ``str``.
+    as they are, other real numbers (Python or numpy floats) with ``numeric_format``, except
+    that a fixed-point format (``"{:.Nf}"``) switches to scientific notation with two
+    significant digits (``"{:.1e}"``) for ``0 < |x| < max(0.001, 10^-N)`` and ``|x| >= 1e6``,
+    so a small error never prints as ``0.000`` (``5e-7`` -> ``"5.0e-07"``); anything else
+    with ``str``.
     """
     if value is None:
         return "\u2014"
@@ -67,7 +87,13 @@ def format_value(value: Any, numeric_format: str = "{:.3f}") -> str:
     if isinstance(value, numbers.Integral):
         return str(int(value))
     if isinstance(value, numbers.Real):
-        return numeric_format.format(float(value))
+        x = float(value)
+        fixed = _FIXED.match(numeric_format)
+        if fixed and math.isfinite(x) and x != 0.0:
+            small = max(_SMALL, 10.0 ** -int(fixed.group(1)))
+            if abs(x) < small or abs(x) >= _LARGE:
+                return f"{x:.1e}"
+        return numeric_format.format(x)
     return str(value)
 
 
@@ -114,23 +140,25 @@ class Table:
             if len(row) != len(self.columns):
                 raise ValueError(f"Table row {i} has {len(row)} cells, expected {len(self.columns)} (one per column)")
 
+    def cells(self) -> list[list[tuple[str, bool]]]:
+        """Every row as ``(text, right-aligned)`` cells, the text from :func:`format_value`.
+
+        Numbers are right-aligned; so is every cell of a column whose cells are all numbers,
+        numeric text (``"0.744 ± 0.059"``, ``"0.000 (0.000)"``) or empty (``None``), so that
+        the digits of a column line up.
+        """
+        texts = [[format_value(v, self.numeric_format) for v in row] for row in self.rows]
+        numeric_columns = [
+            any(_is_number(row[j]) or _NUMERIC_TEXT.match(str(row[j])) for row in self.rows)
+            and all(row[j] is None or _is_number(row[j]) or _NUMERIC_TEXT.match(str(row[j])) for row in self.rows)
+            for j in range(len(self.columns))
+        ]
+        return [[(text, _is_number(v) or numeric_columns[j]) for j, (text, v) in enumerate(zip(trow, row))]
+                for trow, row in zip(texts, self.rows)]
+
     def render(self) -> str:
-        """HTML of the table (wrapped in a horizontally scrollable div)."""
-        out = ['<div class="table-wrap">', "<table>"]
-        if self.caption:
-            out.append(f"<caption>{_esc(self.caption)}</caption>")
-        out.append("<thead><tr>" + "".join(f'<th scope="col">{_esc(c)}</th>' for c in self.columns) + "</tr></thead>")
-        out.append("<tbody>")
-        for row in self.rows:
-            cells = []
-            for value in row:
-                cls = ' class="num"' if _is_number(value) else ""
-                cells.append(f"<td{cls}>{_esc(format_value(value, self.numeric_format))}</td>")
-            out.append("<tr>" + "".join(cells) + "</tr>")
-        out.append("</tbody>")
-        out.append("</table>")
-        out.append("</div>")
-        return "\n".join(out)
+        """HTML of the table (wrapped in a horizontally scrollable div), from the ``table`` macro."""
+        return str(_macros().table(self))
 
 
 @dataclass
@@ -191,13 +219,11 @@ class Figure:
 
     def img_tag(self) -> str:
         """The ``<img>`` element alone."""
-        width = f' width="{int(self.width)}"' if self.width is not None else ""
-        return f'<img src="{self.data_uri}" alt="{_esc(self.alt or self.caption)}"{width}>'
+        return str(_macros().img(self))
 
     def render(self, css_class: str = "figure") -> str:
         """HTML of the figure: ``<figure>`` with the image and its caption."""
-        caption = f"<figcaption>{_esc(self.caption)}</figcaption>" if self.caption else ""
-        return f'<figure class="{css_class}">{self.img_tag()}{caption}</figure>'
+        return str(_macros().figure(self, css_class))
 
 
 @dataclass
@@ -220,10 +246,7 @@ class Grid:
 
     def render(self) -> str:
         """HTML of the grid."""
-        style = f"grid-template-columns: repeat({int(self.columns)}, minmax(0, 1fr))"
-        tiles = "\n".join(fig.render("tile") for fig in self.figures)
-        caption = f"<figcaption>{_esc(self.caption)}</figcaption>" if self.caption else ""
-        return f'<figure class="grid">\n<div class="grid-items" style="{style}">\n{tiles}\n</div>{caption}</figure>'
+        return str(_macros().grid(self))
 
 
 Item = Union[Table, Figure, Grid, str]
@@ -249,56 +272,53 @@ class Section:
         if not self.id or any(ch.isspace() for ch in self.id):
             raise ValueError(f"Section id must be non-empty without whitespace, got {self.id!r}")
 
-    def render(self) -> str:
-        """HTML of the section."""
-        out = [f'<section id="{_esc(self.id)}">', f"<h2>{_esc(self.title)}</h2>"]
-        out.extend(f"<p>{_esc(p)}</p>" for p in self.paragraphs)
+    def blocks(self) -> list[tuple[str, Any]]:
+        """``(kind, item)`` in page order: the paragraphs, then the items; kind is ``"paragraph"``,
+        ``"table"``, ``"figure"`` or ``"grid"``.
+
+        Raises:
+            TypeError: an item of another type.
+        """
+        out: list[tuple[str, Any]] = [("paragraph", p) for p in self.paragraphs]
         for item in self.items:
             if isinstance(item, str):
-                out.append(f"<p>{_esc(item)}</p>")
+                out.append(("paragraph", item))
             elif isinstance(item, (Table, Figure, Grid)):
-                out.append(item.render())
+                out.append((type(item).__name__.lower(), item))
             else:
                 kind = type(item).__name__
                 raise TypeError(f"Section {self.id!r}: unsupported item {kind}; expected Table, Figure, Grid or str")
-        out.append("</section>")
-        return "\n".join(out)
+        return out
+
+    def render(self) -> str:
+        """HTML of the section."""
+        return str(_macros().section(self))
 
 
-_CSS = """
-:root { color-scheme: light; --fg: #1f2328; --muted: #59636e; --line: #d1d9e0; --zebra: #f6f8fa; --accent: #0969da; }
-* { box-sizing: border-box; }
-body { margin: 0; color: var(--fg); background: #fff;
-  font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-.page { max-width: 1100px; margin: 0 auto; padding: 2rem 1.5rem 3rem; }
-header h1 { margin: 0 0 .25rem; font-size: 1.9rem; line-height: 1.2; }
-.subtitle { margin: 0; color: var(--muted); font-size: 1.1rem; }
-h2 { margin: 2.5rem 0 .75rem; padding-bottom: .3rem; border-bottom: 1px solid var(--line); font-size: 1.4rem; }
-a { color: var(--accent); text-decoration: none; }
-a:hover { text-decoration: underline; }
-nav.toc { margin: 1.5rem 0; padding: .75rem 1.25rem; background: var(--zebra);
-  border: 1px solid var(--line); border-radius: 6px; }
-nav.toc h2 { margin: 0 0 .25rem; border: 0; font-size: 1rem; }
-nav.toc ol { margin: 0; padding-left: 1.5rem; }
-.table-wrap { overflow-x: auto; margin: 1rem 0; }
-table { border-collapse: collapse; font-size: .92rem; }
-caption { caption-side: top; text-align: left; color: var(--muted); padding: .25rem 0; }
-th, td { padding: .3rem .75rem; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-thead th { border-bottom: 2px solid var(--line); }
-tbody tr:nth-child(even) { background: var(--zebra); }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-figure { margin: 1rem 0; }
-figure img { max-width: 100%; height: auto; }
-figcaption { color: var(--muted); font-size: .9rem; margin-top: .3rem; }
-.grid-items { display: grid; gap: .75rem; }
-figure.tile { margin: 0; text-align: center; }
-figure.tile img { width: 100%; image-rendering: pixelated; border: 1px solid var(--line); }
-figure.tile figcaption { font-size: .8rem; overflow-wrap: anywhere; }
-footer { margin-top: 3rem; padding-top: 1rem; border-top: 1px solid var(--line);
-  color: var(--muted); font-size: .8rem; }
-footer table { font-size: .8rem; }
-footer th { font-weight: 600; }
-""".strip()
+@functools.lru_cache(maxsize=1)
+def _environment() -> Any:
+    """The Jinja2 environment of the shipped templates (autoescaping everything, undefined names fail)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    env.globals.update(meta_rows=_meta_rows, conventions=NUMBER_CONVENTION)
+    return env
+
+
+def _macros() -> Any:
+    """The item macros (``table``, ``img``, ``figure``, ``grid``, ``section``) of ``items.html.j2``."""
+    return _environment().get_template("items.html.j2").module
+
+
+def _meta_rows(report: Report) -> list[tuple[str, str]]:
+    return [(str(key), format_value(value, "{:.6g}")) for key, value in report.meta.items()]
 
 
 @dataclass
@@ -318,7 +338,7 @@ class Report:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
-        """The report as one self-contained HTML5 document.
+        """The report as one self-contained HTML5 document, from ``templates/report.html.j2``.
 
         Raises:
             ValueError: Two sections share an id.
@@ -328,44 +348,7 @@ class Report:
             if section.id in seen:
                 raise ValueError(f"duplicate section id {section.id!r}")
             seen.add(section.id)
-        out = [
-            "<!DOCTYPE html>",
-            '<html lang="en">',
-            "<head>",
-            '<meta charset="utf-8">',
-            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            f"<title>{_esc(self.title)}</title>",
-            f"<style>\n{_CSS}\n</style>",
-            "</head>",
-            "<body>",
-            '<div class="page">',
-            "<header>",
-            f"<h1>{_esc(self.title)}</h1>",
-        ]
-        if self.subtitle:
-            out.append(f'<p class="subtitle">{_esc(self.subtitle)}</p>')
-        out.append("</header>")
-        if self.sections:
-            out.append('<nav class="toc" aria-label="Contents">')
-            out.append("<h2>Contents</h2>")
-            out.append("<ol>")
-            out.extend(f'<li><a href="#{_esc(s.id)}">{_esc(s.title)}</a></li>' for s in self.sections)
-            out.append("</ol>")
-            out.append("</nav>")
-        out.append("<main>")
-        out.extend(section.render() for section in self.sections)
-        out.append("</main>")
-        if self.meta:
-            out.append("<footer>")
-            out.append('<table class="meta">')
-            out.append("<tbody>")
-            for key, value in self.meta.items():
-                out.append(f'<tr><th scope="row">{_esc(key)}</th><td>{_esc(format_value(value, "{:.6g}"))}</td></tr>')
-            out.append("</tbody>")
-            out.append("</table>")
-            out.append("</footer>")
-        out += ["</div>", "</body>", "</html>", ""]
-        return "\n".join(out)
+        return _environment().get_template("report.html.j2").render(report=self)
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Render and write the report atomically (temp file in the same folder + ``os.replace``).

@@ -12,9 +12,9 @@ cumulatively (from the last block backwards or from the first forwards, one poin
 plus the unablated point) and scores each point with a caller's ``score(z) -> float`` (e.g. the
 accuracy of a linear or zero-shot head).
 
-Dataset scale (what ``vitdecomp ablate`` uses): the reference statistics are computed first
-(:func:`reference_means` per batch, or any streamed ``[comp, d]`` mean), then
-:func:`accuracy_over_batches` streams the evaluated rows once and scores every ablation set at
+Dataset scale (what ``vitdecomp ablate`` uses, :func:`vitdecomp.interpret.ablate.run.run_ablation`): the
+reference statistics are computed first (:func:`reference_means` per batch, or any streamed ``[comp, d]``
+mean), then :func:`accuracy_over_batches` streams the evaluated rows once and scores every ablation set at
 the same time (the unablated point, a chosen set, every point of :func:`curve_sets` in both
 directions), holding one batch in memory. :func:`ablate_values` is the shared kernel::
 
@@ -28,13 +28,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import InputError
+from ...errors import InputError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..core.labels import ComponentLabel
-    from ..core.stack import ComponentStack
+    from ...core.labels import ComponentLabel
+    from ...core.stack import ComponentStack
 
 __all__ = [
     "AblationMode",
@@ -46,6 +46,7 @@ __all__ = [
     "curve_sets",
     "layer_curve",
     "accuracy_over_batches",
+    "block_key",
 ]
 
 AblationMode = Literal["mean", "zero", "resample"]
@@ -123,7 +124,7 @@ def curve_sets(labels: Sequence[ComponentLabel | str], direction: CurveDirection
     Returns:
         ``L + 1`` sorted row lists, ``L`` the number of blocks present.
     """
-    from ..core.labels import parse_label
+    from ...core.labels import parse_label
 
     if direction not in ("from_last", "from_first"):
         raise InputError(f"unknown curve direction {direction!r}; use from_last or from_first")
