@@ -75,13 +75,15 @@ def _table():
 def test_top_components_and_feature_groups():
     table = _table()
     assert retrieve.top_components(table, "colour", 3) == [1, 2, 3]
-    assert retrieve.top_components(table, "colour", 3, start=3) == [5, 4, 0]
+    assert retrieve.top_components(table, "colour", 3, start=3) == [5, 4]  # embed is not a computing component
+    assert retrieve.top_components(table, "colour", 3, start=3, kinds="input+embed") == [5, 4, 0]
     assert retrieve.top_components(table, "colour", 2, by="selectivity") == [2, 3]
     assert 6 not in retrieve.top_components(table, "colour", 7)
+    assert 6 not in retrieve.top_components(table, "colour", 7, kinds="all")  # the readout constant, even then
     groups = retrieve.feature_groups(table, "colour", size=2, n_groups=5)
     assert [g.name for g in groups] == ["colour#0", "colour#1", "colour#2"]
-    assert [g.components for g in groups] == [("L00.H00", "L00.H01"), ("L01.H00", "L01.mlp"), ("L01.H01", "embed")]
-    assert groups[0].meta["scores"] == {"L00.H00": 0.9, "L00.H01": 0.7} and groups[2].meta["rank"] == [5, 6]
+    assert [g.components for g in groups] == [("L00.H00", "L00.H01"), ("L01.H00", "L01.mlp"), ("L01.H01",)]
+    assert groups[0].meta["scores"] == {"L00.H00": 0.9, "L00.H01": 0.7} and groups[1].meta["rank"] == [3, 4]
     sel = retrieve.feature_groups(table, "colour", size=2, by="selectivity")[0]
     assert sel.components == ("L00.H01", "L01.H00") and sel.meta["by"] == "selectivity"
     with pytest.raises(InputError, match="no feature"):

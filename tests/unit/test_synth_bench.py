@@ -94,7 +94,10 @@ def test_bias_row_is_never_selected_even_with_the_highest_score(planted):
     for out in (agreement, retrieval):
         assert all("bias" not in r["components"] for r in out.values())
     allowed = bench._scorable(table)
-    assert allowed.tolist() == [i != BIAS_ROW for i in range(len(LABELS))]
+    from vitdecomp.core.labels import kind_mask
+
+    assert allowed.tolist() == kind_mask(LABELS, "input").tolist()  # computing components only
+    assert not allowed[BIAS_ROW] and not allowed[0]  # row 0 is embed
     # random control sets draw only allowed rows: with k = all of them, every draw is exactly that set
     draws = bench._random_sets(len(LABELS), allowed, int(allowed.sum()), 20, seed=1)
     assert len(draws) == 20 and all(d == np.flatnonzero(allowed).tolist() for d in draws)

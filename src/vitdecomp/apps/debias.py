@@ -61,6 +61,7 @@ from ..errors import InputError
 if TYPE_CHECKING:
     import torch
 
+    from ..core.model import Model
     from ..interpret.align import CompAlign
     from ..store.component_store import ComponentStore
     from ..interpret.text.encoders import TextEncoder
@@ -95,6 +96,8 @@ __all__ = [
     "project_stack",
     "contrastive_scores_stack",
     "debias_stacks",
+    "DebiasRun",
+    "run_debias",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,7 +109,6 @@ WATERBIRDS_CLASS_NAMES: tuple[str, str] = ("landbird", "waterbird")
 WATERBIRDS_TEXTS: dict[str, Any] = {"class_names": WATERBIRDS_CLASS_NAMES, "spurious": "waterbirds/spurious",
                                     "core": "waterbirds/core", "templates": "photo"}
 #: Label kinds that are constant over images (never candidates).
-_CONSTANT_KINDS = ("bias", "mlp_bias", "const")
 
 
 # ============================================================================ metadata
@@ -227,15 +229,13 @@ def dataset_texts(root: str | Path) -> DebiasTexts:
 
 
 # ============================================================================ components
-def candidate_mask(labels: Sequence[Any]) -> np.ndarray:
-    """bool ``[comp]``: components that may be selected (every one but the constant rows)."""
-    from ..core.labels import parse_label
+def candidate_mask(labels: Sequence[Any], kinds: Any = "input") -> np.ndarray:
+    """bool ``[comp]``: components that may be selected: those of ``kinds`` (default the ones that
+    compute something from the input, :data:`vitdecomp.core.labels.INPUT_KINDS`; embed / rest /
+    bias rows only when asked for)."""
+    from ..core.labels import kind_mask
 
-    out = []
-    for lab in labels:
-        kind = parse_label(lab).kind if isinstance(lab, str) else lab.kind
-        out.append(kind not in _CONSTANT_KINDS)
-    return np.array(out, dtype=bool)
+    return kind_mask(labels, kinds)
 
 
 def top_k(scores: np.ndarray, allowed: np.ndarray, k: int) -> list[int]:
@@ -802,3 +802,214 @@ def debias_stacks(val: StackSplit, test: StackSplit, head: ClassifierHead, *, sp
     return _protocol(names, contrast, parts, project_stack(val, head, name="val", align=head_align),
                      project_stack(test, head, name="test", align=head_align), head, k=k, random_draws=random_draws,
                      seed=seed)
+
+
+# ============================================================================ the whole run
+@dataclass
+class DebiasRun:
+    """What :func:`run_debias` did: the result and everything it was made from.
+
+    Attributes:
+        result: the :class:`DebiasResult` (selection, test metrics, controls).
+        texts: the texts used (the dataset's defaults, each overridden by an argument given).
+        from_arguments: which of ``class_names``, ``spurious``, ``core``, ``templates`` were given.
+        head: the classifier head.
+        model, weights: the model the stores hold.
+        stores: the stores by split (``train`` only for a linear head when made here).
+        root: the dataset root; ``align_file``: the CompAlign file read, or None.
+    """
+
+    result: DebiasResult
+    texts: DebiasTexts
+    from_arguments: list[str]
+    head: ClassifierHead
+    model: str
+    weights: str
+    stores: dict[str, ComponentStore]
+    root: Path
+    align_file: Path | None = None
+
+    def texts_record(self) -> dict[str, Any]:
+        """The ``"texts"`` entry of ``debias.json``: every text, the pools' manifests, their source and
+        which of them came from arguments."""
+        return {**self.texts.describe(), "from_arguments": list(self.from_arguments)}
+
+    def to_json(self) -> dict[str, Any]:
+        """``debias.json`` of ``vitdecomp debias`` without its run record."""
+        return {"texts": self.texts_record(), **self.result.to_json()}
+
+
+def _class_names(class_names: Sequence[str | Sequence[str]]) -> tuple[tuple[str, ...], ...]:
+    """Per class its names: a string ``"a|b"`` ensembles several names."""
+    names = tuple(tuple(n.strip() for n in (cls.split("|") if isinstance(cls, str) else cls) if n.strip())
+                  for cls in class_names)
+    if not all(names):
+        raise InputError(f"empty class name in --class-names {list(class_names)}")
+    return names
+
+
+def run_debias(
+    root: str | Path,
+    model: Model | str | None = None,
+    *,
+    stores: Sequence[ComponentStore | str | Path] | Mapping[str, ComponentStore | str | Path] | None = None,
+    store_dir: str | Path | None = None,
+    head: Literal["zero-shot", "linear", "model"] = "zero-shot",
+    k: int = 10,
+    random_draws: int = 5,
+    seed: int = 0,
+    class_names: Sequence[str | Sequence[str]] | None = None,
+    templates: str | None = None,
+    spurious: str | Path | TextPool | None = None,
+    core: str | Path | TextPool | None = None,
+    c: float = 1.0,
+    align: CompAlign | str | Path | None = None,
+    text_model: Model | str | None = None,
+    pretrained: bool | None = None,
+    checkpoint: str | Path | None = None,
+    device: str | None = "cpu",
+    batch_size: int = 64,
+    granularity: Literal["layer", "head"] = "head",
+    start_layer: int = 0,
+    store_dtype: Literal["float16", "float32"] = "float16",
+    num_workers: int = 0,
+    progress: bool = False,
+) -> DebiasRun:
+    """Remove a spurious cue by mean-ablating the components that carry it: ``vitdecomp debias`` in one call.
+
+    docs/method.md §6.6, see the module docs: components are ranked on val by the contrastive score
+    ``s_i = s_{i,spurious} − s_{i,core}``, the top ``k`` candidates are mean-ablated with val means
+    (``logits'(x) = W (z(x) − Σ_{i∈S} c_i(x) + Σ_{i∈S} μ_i^{val}) + b``), and worst-group / average-group
+    accuracy on test is compared with ``random_draws`` random sets of ``k`` and the top ``k`` by variance.
+
+    Args:
+        root: the dataset: a Waterbirds root (``metadata.csv``) or one written by
+            ``vitdecomp synth generate --spurious P`` (its ``task.json`` supplies the default texts,
+            :func:`dataset_texts`).
+        model: the model (a Model, or a spec). With ``stores`` it defaults to the stores' own model,
+            rebuilt from their record (a spec must name the same model); with ``store_dir`` it is required.
+        stores: existing complete stores ``(train, val, test)`` or ``{split: store}`` (objects or paths;
+            one store of all splits may serve every role); or
+        store_dir: make (or resume, or reuse) one store per split under ``store_dir/{train,val,test}``
+            (train only for a linear head) with :func:`~vitdecomp.store.dataset_run.decompose_dataset`
+            (``batch_size``, ``granularity``, ``start_layer``, ``store_dtype``, ``num_workers``).
+        head: ``"zero-shot"`` (text of the class names), ``"linear"`` (logistic regression on train,
+            inverse regularisation ``c``, ``seed``) or ``"model"`` (the model's own 2-class classifier).
+        k, random_draws, seed: components ablated, random control draws, their seed.
+        class_names, templates, spurious, core: override the dataset's default texts (class names per
+            class, ``"a|b"`` ensembling several; template set; pool names, text files or TextPools).
+        align, text_model: for a non-CLIP model, CompAlign maps into a CLIP space and the CLIP (Model or
+            spec) whose text tower embeds the texts; the scores read ``F_i c_i``.
+        pretrained, checkpoint, device: how a model spec is loaded (``pretrained`` None: follow the
+            stores' record, or pretrained weights for ``store_dir``).
+        progress: progress bars while making stores.
+
+    Returns:
+        A :class:`DebiasRun`; ``to_json()`` is ``debias.json`` without its run record.
+
+    Raises:
+        InputError: bad settings, a malformed ``metadata.csv``, stores of another model or dataset,
+            a model without a text tower (and no alignment), no 2-class classifier for ``head="model"``.
+    """
+    from ..core.loading import load
+    from ..core.model import Model as _Model
+    from ..errors import UnsupportedModelError
+    from ..interpret.align import CompAlign, find_alignment
+    from ..interpret.text import text_encoder
+    from ..interpret.text.pools import TextPool, load_pool
+    from ..store.dataset_run import decompose_dataset
+    from ..store.reopen import load_store_model, open_complete_store
+
+    if k < 1:
+        raise InputError("--k must be at least 1")
+    if random_draws < 1:
+        raise InputError("--random-draws must be at least 1 (the random control)")
+    if (align is None) != (text_model is None):
+        raise InputError("--align and --text-model go together (a non-CLIP model read through CompAlign)")
+    if (stores is None) == (store_dir is None):
+        raise InputError("give the stores (--stores TRAIN VAL TEST) or a folder to make them in (--store-dir)")
+    if head not in ("zero-shot", "linear", "model"):
+        raise InputError(f"head must be 'zero-shot', 'linear' or 'model', got {head!r}")
+    labels = WaterbirdsLabels.read(root)  # clear errors for a missing or malformed metadata.csv
+    defaults = dataset_texts(root)  # a generated world's own texts (task.json), else the Waterbirds ones
+    given = {"class_names": class_names, "spurious": spurious, "core": core, "templates": templates}
+    spurious_pool = defaults.spurious if spurious is None else (
+        spurious if isinstance(spurious, TextPool) else load_pool(spurious))
+    core_pool = defaults.core if core is None else (core if isinstance(core, TextPool) else load_pool(core))
+    used_templates = templates if templates is not None else defaults.templates
+    names = _class_names(class_names) if class_names is not None else tuple(tuple(c_) for c_ in defaults.class_names)
+    texts = DebiasTexts(names, spurious_pool, core_pool, used_templates, defaults.source)
+
+    opened: dict[str, ComponentStore] | None = None
+    if stores is not None:
+        items = stores.items() if isinstance(stores, Mapping) else zip(SPLITS, stores)
+        opened = {split: s if not isinstance(s, (str, Path)) else open_complete_store(s, role=f"{split} store")
+                  for split, s in items}
+        if "val" not in opened:
+            raise InputError("debias needs a val store")
+        spec = model if isinstance(model, str) else (model.name if model is not None else opened["val"].config.model)
+        if not isinstance(model, _Model):
+            model = load_store_model(opened["val"], model, checkpoint, pretrained=pretrained, device=device)
+    elif model is None:
+        raise InputError("--model is required with --store-dir")
+    else:
+        spec = model if isinstance(model, str) else model.name
+        if not isinstance(model, _Model):
+            model = load(model, pretrained=pretrained is not False, checkpoint=checkpoint, device=device)
+    if opened is None:
+        assert store_dir is not None
+        opened = {}
+        for split in SPLITS:
+            if split == "train" and head != "linear":
+                continue
+            path = Path(store_dir) / split
+            log.info("store %s (%s split)", path, split)
+            made = decompose_dataset(model, root, path, batch_size=batch_size, granularity=granularity,
+                                     start_layer=start_layer, store_dtype=store_dtype, kind="waterbirds", split=split,
+                                     num_workers=num_workers, progress=progress)
+            opened[split] = made.store
+    for role, store in opened.items():
+        if store.config.model != model.name or store.config.weights != model.weights:
+            raise InputError(f"{role} store {store.path} holds {store.config.model} ({store.config.weights}), "
+                             f"not --model {spec} ({model.name}, {model.weights})")
+    check_stores(opened, labels)
+
+    maps: CompAlign | None = None
+    align_file: Path | None = None
+    if align is not None:
+        if isinstance(align, CompAlign):
+            maps = align
+        else:
+            align_file = Path(align)
+            maps = CompAlign.load(find_alignment(align_file))
+        tower = text_model if isinstance(text_model, _Model) else load(str(text_model), device=device)
+        hint = "--text-model must be a CLIP model"
+    else:
+        tower, hint = model, "pass --align MAPS --text-model CLIP_SPEC (CompAlign into a CLIP space)"
+    try:
+        encoder = text_encoder(tower)
+    except UnsupportedModelError as exc:
+        raise InputError(f"{tower.name} has no text tower: {hint}") from exc
+    spurious_emb = embed_texts(encoder, spurious_pool.texts, used_templates)
+    core_emb = embed_texts(encoder, core_pool.texts, used_templates)
+
+    if head == "zero-shot":
+        classifier = zero_shot_classifier(encoder, [list(n) for n in names], used_templates,
+                                          space="aligned" if maps is not None else "model")
+    elif head == "linear":
+        if "train" not in opened:
+            raise InputError("a linear head needs a train store")
+        classifier = fit_linear_head(opened["train"], labels, c=c, seed=seed)
+    else:
+        weights = model.classifier()
+        if weights is None or weights[0].shape[0] != 2:
+            raise InputError(f"--head model needs a 2-class classifier; {spec} has "
+                             f"{'none' if weights is None else f'{weights[0].shape[0]} classes'}")
+        w, b = weights
+        classifier = ClassifierHead(w.detach().double().numpy(),
+                                    b.detach().double().numpy() if b is not None else [0.0, 0.0], "model")
+    result = debias(opened, labels, classifier, spurious=spurious_emb, core=core_emb, k=k,
+                    random_draws=random_draws, seed=seed, align=maps, check=False)
+    return DebiasRun(result=result, texts=texts, from_arguments=[n for n, v in given.items() if v is not None],
+                     head=classifier, model=model.name, weights=model.weights, stores=opened, root=Path(root),
+                     align_file=align_file)

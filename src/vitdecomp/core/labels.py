@@ -27,7 +27,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-__all__ = ["ComponentKind", "ComponentLabel", "parse_label"]
+__all__ = ["ComponentKind", "ComponentLabel", "parse_label", "INPUT_KINDS", "CONSTANT_KINDS", "Kinds", "kind_mask",
+           "resolve_kinds"]
 
 ComponentKind = Literal[
     "embed", "rest", "block", "attn", "head", "bias", "mlp", "neuron", "mlp_bias", "conv", "pool_mlp", "const", "other"
@@ -124,3 +125,66 @@ def parse_label(text: str) -> ComponentLabel:
     if m["neuron"] is not None:
         return ComponentLabel("neuron", layer, neuron=int(m["neuron"]), **where)
     return ComponentLabel(m["kind"] or "block", layer, **where)
+
+
+#: Components that compute something from the input: attention heads (and their block / attn
+#: sums), MLPs and their neurons, conv leaves (MaxViT MBConv), an attention pool's MLP. The
+#: default set every ranking, retrieval, heat-map choice and debias selection considers.
+INPUT_KINDS: tuple[str, ...] = ("head", "attn", "block", "mlp", "neuron", "conv", "pool_mlp")
+#: Rows that carry no learned, input-specific computation: the embedding / everything before
+#: ``start_layer`` (``embed``, ``rest``), bias rows (they vary across images only through frozen
+#: norm statistics), the readout constant, and a ``select(..., keep_rest=True)`` remainder.
+CONSTANT_KINDS: tuple[str, ...] = ("embed", "rest", "bias", "mlp_bias", "const", "other")
+
+#: ``"input"`` (:data:`INPUT_KINDS`, the default), ``"all"``, or explicit kind names.
+Kinds = Any
+
+
+def resolve_kinds(kinds: Kinds = "input") -> frozenset[str]:
+    """The set of label kinds a ``kinds=`` argument (or ``--kinds`` flag) names.
+
+    ``"input"`` is :data:`INPUT_KINDS`; ``"all"`` every kind; otherwise kind names, as a
+    sequence or one comma-separated string (``"head,mlp,embed"``); ``"input+embed"`` adds to
+    the default.
+
+    Raises:
+        ValueError: an unknown kind name.
+    """
+    known = set(INPUT_KINDS) | set(CONSTANT_KINDS)
+    if kinds is None or kinds == "input":
+        return frozenset(INPUT_KINDS)
+    if kinds == "all":
+        return frozenset(known)
+    names = kinds.replace("+", ",").split(",") if isinstance(kinds, str) else list(kinds)
+    out: set[str] = set()
+    for name in (str(n).strip() for n in names):
+        if not name:
+            continue
+        if name == "input":
+            out |= set(INPUT_KINDS)
+        elif name == "all":
+            out |= known
+        elif name in known:
+            out.add(name)
+        else:
+            raise ValueError(f"unknown component kind {name!r}; use 'input', 'all' or names from {sorted(known)}")
+    if not out:
+        raise ValueError("kinds names no component kind")
+    return frozenset(out)
+
+
+def kind_mask(labels: Any, kinds: Kinds = "input") -> Any:
+    """bool ``[comp]`` numpy mask: which ``labels`` (label objects or strings) are of ``kinds``."""
+    import numpy as np
+
+    wanted = resolve_kinds(kinds)
+    out = []
+    for lab in labels:
+        if not isinstance(lab, ComponentLabel):
+            try:
+                lab = parse_label(str(lab))
+            except ValueError:
+                out.append(False)
+                continue
+        out.append(lab.kind in wanted)
+    return np.array(out, dtype=bool)

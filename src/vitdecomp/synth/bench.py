@@ -40,6 +40,8 @@ import numpy as np
 from .generator import SCENE_FACTORS, VOCABULARY, Scene, describe, render_array, sample_scene
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from ..core.model import Model
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["BENCH_SEED", "BenchConfig", "Sample", "make_sample", "factor_values", "decompose_sample",
            "factor_texts", "component_scores", "factor_agreement", "retrieval_precision", "segmentation_bench", "decomposition_map", "SEGMENT_TEXTS",
            "spurious_bench", "classifier_spurious_bench", "run_clip_bench", "balanced_labeller", "aligned_labeller",
-           "aligned_bench", "SPURIOUS_TASK", "SPURIOUS_ALIGNED", "SPURIOUS_STREAMS", "CLASSIFIER_NOTE"]
+           "aligned_bench", "run_bench", "SPURIOUS_TASK", "SPURIOUS_ALIGNED", "SPURIOUS_STREAMS", "CLASSIFIER_NOTE"]
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +162,11 @@ def _zero_shot(z: np.ndarray, text: np.ndarray) -> np.ndarray:
 
 
 def _selectable(labels: Sequence[Any]) -> np.ndarray:
-    """Rows that can be selected: every component but the constant readout bias (``bias``)."""
-    return np.array([str(lab) != "bias" for lab in labels])
+    """Rows that can be selected: the components that compute something from the input
+    (:data:`vitdecomp.core.labels.INPUT_KINDS`), never embed / bias rows."""
+    from ..core.labels import kind_mask
+
+    return kind_mask(labels, "input")
 
 
 def _scorable(table: Any) -> np.ndarray:
@@ -532,3 +537,41 @@ def aligned_bench(model: Model, clip: Model, sample: Sample, texts: dict[str, np
         "factor_agreement": factor_agreement(aligned_values, table, texts, truth, k=k, n_random=n_random, seed=seed),
         "scores": table.to_json(),
     }
+
+
+def run_bench(config: BenchConfig | None = None, weights: str | Path | None = None) -> dict[str, Any]:
+    """``vitdecomp synth bench``: the whole ground-truth benchmark on the tiny models.
+
+    The CLIP part (:func:`run_clip_bench`: factor agreement, retrieval precision@10, segmentation IoU),
+    the spurious cue (:func:`spurious_bench`: worst-group accuracy before / after mean-ablating the
+    components selected on val, against random and top-variance controls, plus the tiny classifier
+    trained on the biased split) and CompAlign reads of the tiny Swin (``"aligned"``) and ViT
+    (``"aligned_vit"``) in the CLIP's space (:func:`aligned_bench`); ``"models"`` records each model's
+    sidecar.
+
+    Args:
+        config: the sizes (default :class:`BenchConfig`).
+        weights: a folder with ``clip/``, ``spurious/``, ``swin/`` and ``vit/`` tiny models (as
+            ``vitdecomp synth train`` writes them) instead of the shipped ones.
+    """
+    from ..core.shipped import load_shipped
+    from ..errors import InputError
+    from ..interpret.text import text_encoder
+
+    cfg = config or BenchConfig()
+    for name in ("n_images", "n_segment", "n_spurious"):
+        if getattr(cfg, name) < 20:
+            raise InputError(f"--{name.replace('_', '-')} ({name}) must be at least 20")
+    clip = load_shipped("clip", weights)
+    result = run_clip_bench(clip, cfg)
+    classifier = load_shipped("spurious", weights)
+    info = classifier.extras["tiny"]
+    result["spurious"] = spurious_bench(clip, classifier, n_train=cfg.n_spurious, n=cfg.n_spurious, k=cfg.top_k,
+                                        n_random=cfg.n_random, seed=cfg.seed, batch_size=cfg.batch_size)
+    sample, texts = make_sample(cfg.n_images, cfg.seed), factor_texts(text_encoder(clip))
+    swin, vit = load_shipped("swin", weights), load_shipped("vit", weights)
+    result["aligned"] = aligned_bench(swin, clip, sample, texts, k=cfg.top_k, seed=cfg.seed)
+    result["aligned_vit"] = aligned_bench(vit, clip, sample, texts, k=cfg.top_k, seed=cfg.seed)
+    result["models"] = {"clip": clip.extras["tiny"], "spurious": info, "swin": swin.extras["tiny"],
+                        "vit": vit.extras["tiny"]}
+    return result

@@ -45,18 +45,23 @@ Example::
 
 **Modules.** :mod:`~vitdecomp.interpret.score.moments` (the streamed statistics),
 :mod:`~vitdecomp.interpret.score.tables` (feature bases, scores, :class:`ScoreTable`),
-:mod:`~vitdecomp.interpret.score.proxy` (the CLIP proxy and the Spearman validation) and
+:mod:`~vitdecomp.interpret.score.proxy` (the CLIP proxy and the Spearman validation),
+:mod:`~vitdecomp.interpret.score.nulls` (null distributions from random text bases, significance) and
 :mod:`~vitdecomp.interpret.score.run` (:func:`score_store`: what ``vitdecomp score`` computes on a store).
 Every name is importable from here.
 """
 from __future__ import annotations
 
 from .moments import FLAT_TOL, ScoreMoments, as_float64
+from .nulls import ScoreNulls, benjamini_hochberg, score_nulls
 from .proxy import clip_proxy, clip_proxy_table, rankdata, spearman, validate_ordering
 from .run import MAX_MOMENT_BYTES, VARIANTS, ScoreResult, resolve_feature, resolve_features, score_store
 from .tables import ScoreKind, ScoreTable, feature_basis, feature_scores, score_table
 
 __all__ = [
+    "ScoreNulls",
+    "benjamini_hochberg",
+    "score_nulls",
     "FLAT_TOL",
     "MAX_MOMENT_BYTES",
     "VARIANTS",

@@ -220,13 +220,25 @@ class ScoreTable:
         return self[spurious] - self[core]
 
     def top(
-        self, feature: str, k: int = 5, *, by: Literal["score", "selectivity"] = "score"
+        self, feature: str, k: int = 5, *, by: Literal["score", "selectivity"] = "score", kinds: Any = "input"
     ) -> list[tuple[str, float]]:
-        """The ``k`` highest components on ``feature``: ``[(label, value), ...]``, best first."""
+        """The ``k`` highest components on ``feature``: ``[(label, value), ...]``, best first.
+
+        Args:
+            kinds: which components may be ranked (:func:`vitdecomp.core.labels.resolve_kinds`):
+                by default those that compute something from the input (heads, MLPs, neurons,
+                ...); ``embed``/``rest``/bias rows only when asked for (``"all"``, ``"input+embed"``).
+        """
+        from ...core.labels import kind_mask
+
         if by not in ("score", "selectivity"):
             raise InputError(f"by must be 'score' or 'selectivity', got {by!r}")
+        try:
+            allowed = kind_mask(self.labels, kinds)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
         col = (self.selectivity() if by == "selectivity" else self)[feature]
-        order = np.argsort(-col, kind="stable")[: max(0, int(k))]
+        order = [i for i in np.argsort(-col, kind="stable") if allowed[i]][: max(0, int(k))]
         return [(self.labels[i], float(col[i])) for i in order]
 
     # ---------------------------------------------------------------- io
@@ -251,10 +263,11 @@ class ScoreTable:
         scores = np.asarray(rows, dtype=np.float64).reshape(len(labels), len(features))
         return cls(scores, labels, features, str(data.get("kind", "corr")), dict(data.get("meta", {})))
 
-    def format(self, top: int = 5, *, by: Literal["score", "selectivity"] = "score") -> str:
-        """Readable table: per feature (column) its ``top`` components with their values."""
+    def format(self, top: int = 5, *, by: Literal["score", "selectivity"] = "score", kinds: Any = "input") -> str:
+        """Readable table: per feature (column) its ``top`` components (of ``kinds``) with their values."""
         k = min(int(top), len(self.labels))
-        cols = [self.top(f, k, by=by) for f in self.features]
+        cols = [self.top(f, k, by=by, kinds=kinds) for f in self.features]
+        k = max((len(c) for c in cols), default=0)
         cells = [[f"{name} {value:+.3f}" for name, value in col] for col in cols]
         widths = [max([len(f)] + [len(c) for c in col]) for f, col in zip(self.features, cells)]
         rank_w = max(4, len(str(k)))
