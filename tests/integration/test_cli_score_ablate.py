@@ -76,7 +76,8 @@ def test_score_json_matches_score_table_on_full_moments(stores, encoder, tmp_pat
                  "var_explained", "--contrast", "colour", "shape", "--selectivity", "--top", "3",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "corr: 26 components × 3 features" in printed and "contrast[corr] colour - shape" in printed
+    assert "significance of corr against" in printed and "contrast[corr] colour - shape" in printed
+    assert "colour: significant" in printed and "shape: not significant" in printed  # the shipped CLIP's truth
     payload = json.loads((out / "score.json").read_text(encoding="utf-8"))
     assert (out / "score.svg").read_text(encoding="utf-8").startswith("<svg")
     assert (out / "score-var_explained.svg").is_file()

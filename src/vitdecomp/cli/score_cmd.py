@@ -50,6 +50,18 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--selectivity", action="store_true", help="also show selectivity s_ip - max_{p'!=p} s_ip'")
     p.add_argument("--contrast", nargs=2, metavar=("SPURIOUS", "CORE"),
                    help="rank components by s_spurious - s_core (two of the FEATUREs; Waterbirds selection)")
+    n = p.add_argument_group("nulls and significance (docs/method.md §4)")
+    n.add_argument("--n-null", type=int, default=200, metavar="R",
+                   help="random text bases of the same rank per feature, drawn from --null-pool (default 200; "
+                   "0: no nulls). Each score gets z, a permutation p-value and a Benjamini-Hochberg q-value; each "
+                   "feature a verdict (max statistic over components)")
+    n.add_argument("--null-pool", default="auto", metavar="NAME|FILE",
+                   help="texts the random bases come from (default auto: the synthetic world's own captions for a "
+                   "synth: model, else the shipped descriptions pool)")
+    n.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    n.add_argument("--kinds", default="input",
+                   help="components ranked and tested: input (heads, MLPs, neurons...: the default), all, or a "
+                   "comma list such as input,embed")
     p.add_argument("--top", type=int, default=5, help="components shown per feature (default 5)")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     p.add_argument("--out", type=Path, metavar="DIR", help="write score.json and score.svg here")
@@ -73,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         args.store, args.features, pools=args.pool, variants=args.variant or ["corr"], templates=args.templates,
         absolute=args.absolute, selectivity=args.selectivity, contrast=tuple(args.contrast) if args.contrast else None,
         model=ModelChoice(args.model, args.checkpoint, pretrained_choice(args)), align=args.align,
-        progress=not getattr(args, "quiet", False))
+        progress=not getattr(args, "quiet", False), n_null=args.n_null, null_pool=_null_pool(args),
+        kinds=args.kinds, alpha=args.alpha)
     payload: dict[str, Any] = {
         "run": run_record("score", args, store=result.store, files=result.files or None,
                           extra={"pools": {name: pool.manifest() for name, pool in result.features.items()},
@@ -88,3 +101,20 @@ def run(args: argparse.Namespace) -> int:
         log.info("wrote %s", args.out / "score.json")
     sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n" if args.json else result.format(args.top) + "\n")
     return 0
+
+
+def _null_pool(args: argparse.Namespace) -> Any:
+    """``--null-pool auto``: the synthetic world's captions for a ``synth:`` store model, else descriptions."""
+    if args.null_pool != "auto":
+        return args.null_pool
+    from ..store.component_store import ComponentStore
+
+    try:
+        spec = str(ComponentStore.open(args.store).config.model)
+    except Exception:  # the library call reports a bad store with its own message
+        return "descriptions"
+    if spec.startswith("synth:") or spec.startswith("tiny:"):
+        from ..synth.generator import caption_pool
+
+        return caption_pool()
+    return "descriptions"

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OBJECT_FACTORS", "SCENE_FACTORS", "VOCABULARY", "POSITION_PHRASES", "BACKGROUND_PHRASES", "MAX_OBJECTS",
     "SceneObject", "Scene", "object_centre", "render", "render_array", "caption", "partial_captions", "describe",
-    "sample_scene",
+    "sample_scene", "factor_phrases",
 ]
 
 #: Factors of one object, in caption order.
@@ -260,6 +260,12 @@ def describe(factor: str, value: str) -> str:
     return caption(Scene((obj,)), (factor,))
 
 
+def factor_phrases(factors: Sequence[str] = SCENE_FACTORS) -> dict[str, list[str]]:
+    """Per factor, the :func:`describe` phrase of each of its values (``VOCABULARY`` order):
+    ``{"colour": ["a red object", ...], ...}``, the synthetic world's feature texts (``--features synth``)."""
+    return {f: [describe(f, v) for v in VOCABULARY[canonical_factor(f)]] for f in factors}
+
+
 def partial_captions(scene: Scene, rng: np.random.Generator, n: int = 3, max_attributes: int = 2) -> list[str]:
     """``n`` distinct partial captions of the main object, each naming 1..``max_attributes`` attributes.
 
@@ -317,3 +323,13 @@ def sample_scene(
         objects.append(SceneObject(**values, position=position))
     return Scene(tuple(objects), background, int(rng.integers(2**31)))
 
+
+def caption_pool(n: int = 600, seed: int = 99) -> Any:
+    """A :class:`~vitdecomp.interpret.text.pools.TextPool` of ``n`` random captions of the world
+    (scene ``i`` from ``default_rng([seed, i])``, duplicates dropped): the null pool of random texts
+    of the same kind for scores on the synthetic world (:mod:`vitdecomp.interpret.score.nulls`)."""
+    from ..interpret.text.pools import TextPool
+
+    texts = list(dict.fromkeys(caption(sample_scene(np.random.default_rng([seed, i]))) for i in range(n)))
+    return TextPool("synth/captions", None, texts, f"{len(texts)} random captions of the synthetic world "
+                    f"(seed {seed})", f"vitdecomp.synth.generator.caption_pool(n={n}, seed={seed})")

@@ -13,8 +13,12 @@ quadratic form per random direction: ``O(R · k · comp · m²)``).
 For component ``i`` and feature ``p`` with observed score ``s_{ip}`` and null draws
 ``s^{(r)}_{ip}``, ``r = 1..R``:
 
-* effect size ``z_{ip} = (s_{ip} − mean_r s^{(r)}_{ip}) / sd_r s^{(r)}_{ip}``;
-* one-sided permutation p-value ``p_{ip} = (1 + #{r: s^{(r)}_{ip} ≥ s_{ip}}) / (R + 1)``;
+* effect size ``z_{ip} = (s_{ip} − mean_r s^{(r)}_{ip}) / sd_r s^{(r)}_{ip}`` and the percentile of
+  ``s_{ip}`` among the draws;
+* one-sided p-value from the null's Gaussian tail, ``p_{ip} = 1 − Φ(z_{ip})`` (the draws give the
+  null's location and spread; a permutation p-value could not go below ``1 / (R + 1)``, too coarse
+  to survive a correction over hundreds of components), with the empirical tail
+  ``(1 + #{r: s^{(r)}_{ip} ≥ s_{ip}}) / (R + 1)`` reported beside it;
 * Benjamini–Hochberg q-values over every candidate component × feature; significant when
   ``q ≤ alpha``;
 * a feature-level test with the max statistic, which controls the family-wise error over
@@ -72,7 +76,7 @@ class ScoreNulls:
         z: effect size over the null; p: permutation p-value; q: Benjamini–Hochberg q-value
             (over candidate components × features); significant: ``q <= alpha``.
         feature_max: ``[feature]`` best observed score among candidates; feature_null_max:
-            ``[feature, R]`` the null draws of that maximum; feature_p / feature_q: its p- and
+            ``[feature, R]`` the null draws of that maximum; feature_p / feature_q: its (permutation) p- and
             q-value (over features); feature_significant: ``feature_q <= alpha``.
         candidates: ``[comp]`` the rows that were tested.
         n_null, alpha, meta: draws, level and provenance (null pool, seed, kind).
@@ -94,6 +98,8 @@ class ScoreNulls:
     n_null: int
     alpha: float
     meta: dict[str, Any] = field(default_factory=dict)
+    p_empirical: np.ndarray | None = None
+    percentile: np.ndarray | None = None
 
     def verdict(self, feature: str) -> str:
         """``"significant"`` or ``"not significant"`` for a feature (max statistic, BH over features)."""
@@ -114,6 +120,8 @@ class ScoreNulls:
                     "score": num(self.table.scores[i, j]), "null_mean": num(self.null_mean[i, j]),
                     "null_sd": num(self.null_sd[i, j]), "z": num(self.z[i, j]), "p": num(self.p[i, j]),
                     "q": num(self.q[i, j]), "significant": bool(self.significant[i, j]),
+                    "p_empirical": num(self.p_empirical[i, j]) if self.p_empirical is not None else None,
+                    "percentile": num(self.percentile[i, j]) if self.percentile is not None else None,
                 }
             features[name] = {
                 "verdict": self.verdict(name), "max_score": num(self.feature_max[j]),
@@ -123,8 +131,9 @@ class ScoreNulls:
                 "n_significant_components": int(self.significant[:, j].sum()), "components": comps,
             }
         return {"kind": self.table.kind, "n_null": self.n_null, "alpha": self.alpha,
-                "test": "one-sided permutation against random text bases of the same rank; BH over "
-                        "components x features; feature verdict by the max statistic, BH over features",
+                "test": "one-sided, against random text bases of the same rank: per component the null's Gaussian "
+                        "tail of z (empirical tail beside it), BH over components x features; feature verdict by "
+                        "the permutation max statistic over components, BH over features",
                 "meta": self.meta, "features": features}
 
     def format(self, top: int = 5) -> str:
@@ -220,8 +229,13 @@ def score_nulls(
     mean, sd = draws.mean(0), draws.std(0, ddof=1) if n_null > 1 else np.zeros((comp, n_feat))
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(sd > 0, (observed - mean) / sd, np.nan)
-    p = (1.0 + (draws >= observed[None]).sum(0)) / (n_null + 1.0)
-    z[~cand], p[~cand], mean[~cand], sd[~cand] = np.nan, np.nan, np.nan, np.nan
+    empirical = (1.0 + (draws >= observed[None]).sum(0)) / (n_null + 1.0)
+    percentile = (draws < observed[None]).mean(0)
+    from scipy.special import ndtr
+
+    p = np.where(np.isfinite(z), ndtr(-np.nan_to_num(z)), empirical)
+    for arr in (z, p, mean, sd, empirical, percentile):
+        arr[~cand] = np.nan
     q = benjamini_hochberg(p)
     significant = np.nan_to_num(q, nan=1.0) <= alpha
 
@@ -230,7 +244,8 @@ def score_nulls(
     feature_p = (1.0 + (null_best >= best[:, None]).sum(1)) / (n_null + 1.0)
     feature_q = benjamini_hochberg(feature_p)
     table = ScoreTable(observed, tuple(labels), tuple(names), kind, {"count": moments.count})
+    info_arrays = {"p_empirical": empirical, "percentile": percentile}
     info = {"seed": seed, "null_pool_size": int(pool.shape[0]), "kinds": sorted(resolve_kinds(kinds)),
             **dict(meta or {})}
     return ScoreNulls(table, mean, sd, z, p, q, significant, best, null_best, feature_p, feature_q,
-                      feature_q <= alpha, cand, n_null, alpha, info)
+                      feature_q <= alpha, cand, n_null, alpha, info, **info_arrays)

@@ -134,6 +134,8 @@ class ScoreResult:
     contrast: dict[str, Any] | None = None
     alignment: CompAlign | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    nulls: dict[str, Any] | None = None
+    kinds: Any = "input"
 
     def to_json(self) -> dict[str, Any]:
         """``score.json`` without the run record (the CLI adds ``"run"`` first)."""
@@ -152,14 +154,17 @@ class ScoreResult:
             payload["selectivity"] = {v: t.to_json() for v, t in self.selectivity.items()}
         if self.contrast is not None:
             payload["contrast"] = self.contrast
+        if self.nulls is not None:
+            payload["significance"] = {v: n.to_json() for v, n in self.nulls.items()}
         return payload
 
     def format(self, top: int = 5) -> str:
         """The tables ``vitdecomp score`` prints: the ``top`` components per feature and variant (then by
         selectivity, then the contrast ranking, when computed)."""
-        lines = [t.format(top=top) for t in self.tables.values()]
+        lines = ([n.format(top=top) for n in self.nulls.values()] if self.nulls is not None
+                 else [t.format(top=top, kinds=self.kinds) for t in self.tables.values()])
         if self.selectivity is not None:
-            lines += [t.format(top=top, by="selectivity") for t in self.tables.values()]
+            lines += [t.format(top=top, by="selectivity", kinds=self.kinds) for t in self.tables.values()]
         if self.contrast is not None:
             spur, core = self.contrast["spurious"], self.contrast["core"]
             contrast_lines = []
@@ -184,6 +189,11 @@ def score_store(
     model: Model | ModelChoice | None = None,
     align: CompAlign | str | os.PathLike | None = None,
     progress: bool = False,
+    n_null: int = 200,
+    null_pool: str | os.PathLike | TextPool = "descriptions",
+    kinds: Any = "input",
+    alpha: float = 0.05,
+    seed: int = 0,
 ) -> ScoreResult:
     """Score every component of a finished store on text features, in one streaming pass.
 
@@ -208,6 +218,15 @@ def score_store(
             the CLIP the maps lead into), or a :class:`~vitdecomp.interpret.inputs.ModelChoice`.
         align: a fitted CompAlign (or its file / folder) mapping the components into a CLIP space first.
         progress: a progress bar on stderr.
+        n_null: random text bases per feature for the null distribution (0: no nulls); see
+            :mod:`~vitdecomp.interpret.score.nulls`. Computed from the same pass's moments.
+        null_pool: the texts random bases are drawn from: a shipped pool name, a text file or a
+            :class:`TextPool` (default the shipped ``descriptions``; for the synthetic world, its
+            own captions: :func:`vitdecomp.synth.generator.caption_pool`, which ``vitdecomp score``
+            uses for ``synth:`` models).
+        kinds: components tested and ranked (default: those that compute something from the input).
+        alpha: Benjamini–Hochberg level of the significance flags.
+        seed: seed of the null draws.
 
     Returns:
         A :class:`ScoreResult` (``to_json()`` is ``score.json`` without the run record).
@@ -222,7 +241,7 @@ def score_store(
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise InputError(f"unknown score variant(s) {bad}; use {', '.join(VARIANTS)}")
-    kinds = list(dict.fromkeys(variants or ["corr"]))
+    kinds_list = list(dict.fromkeys(variants or ["corr"]))
     if isinstance(features, Mapping):
         if pools:
             raise InputError("pools= goes with feature names, not with a mapping of pools")
@@ -263,10 +282,21 @@ def score_store(
             raise InputError(f"text width {emb.shape[1]} != component width {dim}: the text tower must belong to "
                              "the space the components are in")
         bases[name] = feature_basis(emb)
+    embeddings = {name: embed_templates(encoder, pool.texts, template_list).double().numpy()
+                  for name, pool in chosen.items()}
+    null_texts: TextPool | None = None
+    null_emb = None
+    if n_null > 0:
+        null_texts = _null_pool(null_pool)
+        null_emb = embed_templates(encoder, null_texts.texts, template_list).double().numpy()
     directions = np.concatenate(list(bases.values()))  # moments projected on every feature's span (exact)
-    need = 2 * len(labels) * directions.shape[0] ** 2 * 8
+    if null_emb is not None:  # ... and on the null pool's span, so every random basis is scored exactly
+        rows = np.concatenate([directions, null_emb])
+        directions = None if rows.shape[0] >= dim else np.linalg.qr(rows.T)[0].T
+    width = dim if directions is None else directions.shape[0]
+    need = 2 * len(labels) * width ** 2 * 8
     if need > MAX_MOMENT_BYTES:
-        raise InputError(f"{directions.shape[0]} feature texts need {need / 2**30:.1f} GiB of second moments for "
+        raise InputError(f"{width} feature (and null) directions need {need / 2**30:.1f} GiB of second moments for "
                          f"{len(labels)} components (limit {MAX_MOMENT_BYTES / 2**30:.0f} GiB): score fewer texts "
                          "per run (a smaller --pool, or fewer FEATUREs)")
     moments = ScoreMoments(len(labels), dim, directions=directions, labels=labels)
@@ -274,12 +304,19 @@ def score_store(
         stack = stack.sum_tokens()
         moments.add_stack(maps.apply(stack) if maps is not None else stack)
 
-    tables = {v: score_table(moments, bases, v, share=(v == "var_attributed" and not absolute)) for v in kinds}
+    tables = {v: score_table(moments, bases, v, share=(v == "var_attributed" and not absolute)) for v in kinds_list}
     result = ScoreResult(store=store, model=model.name, weights=model.weights,
                          space="clip (CompAlign)" if maps is not None else store.space,
                          templates=list(template_list), n_items=moments.count, features=chosen,
                          ranks={name: int(b.shape[0]) for name, b in bases.items()}, tables=tables,
                          alignment=maps, files=files)
+    if null_emb is not None and null_texts is not None:
+        from .nulls import score_nulls
+
+        result.nulls = {v: score_nulls(moments, embeddings, null_emb, kind=v, n_null=n_null, seed=seed,
+                                       kinds=kinds, labels=labels, alpha=alpha,
+                                       meta={"null_pool": null_texts.manifest()}) for v in kinds_list}
+    result.kinds = kinds
     if selectivity:
         result.selectivity = {v: t.selectivity() for v, t in tables.items()}
     if contrast:
@@ -292,3 +329,11 @@ def score_store(
                              "ranking": [labels[i] for i in order]}
         result.contrast = {"spurious": spur, "core": core, "by_variant": by_variant}
     return result
+
+
+
+def _null_pool(null_pool: Any) -> TextPool:
+    """The texts random bases are drawn from (see :func:`score_store`)."""
+    from ..text.pools import TextPool, load_pool
+
+    return null_pool if isinstance(null_pool, TextPool) else load_pool(null_pool)
