@@ -75,7 +75,7 @@ def _numpy_f32(vectors: np.ndarray, k: int) -> Any:
 def latency(n: int, dim: int, n_groups: int, n_queries: int, k: int, workdir: Path) -> dict[str, Any]:
     import faiss
 
-    from vitdecomp.apps.retrieve import ComponentGroup, GroupIndex, _Sink, unit_rows
+    from vitdecomp.apps.retrieve import ComponentGroup, GroupIndex, VectorSink, unit_rows
 
     rng = np.random.default_rng(dim)
     rows = np.arange(n)
@@ -86,13 +86,13 @@ def latency(n: int, dim: int, n_groups: int, n_queries: int, k: int, workdir: Pa
     for g in range(n_groups):
         x = unit_rows(rng.standard_normal((n, dim)).astype(np.float32))
         t = time.perf_counter()
-        sink = _Sink("faiss", dim)
+        sink = VectorSink("faiss", dim)
         for start in range(0, n, 1024):  # as build_index adds it: batch by batch
             sink.add(x[start:start + 1024])
         sink.save(workdir / f"g{g}.faiss")
         build_sq.append(time.perf_counter() - t)
         t = time.perf_counter()
-        npy = _Sink("numpy", dim)
+        npy = VectorSink("numpy", dim)
         for start in range(0, n, 1024):
             npy.add(x[start:start + 1024])
         npy.save(workdir / f"g{g}.npy")

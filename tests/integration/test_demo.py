@@ -143,13 +143,19 @@ def test_cli_demo_input_errors(tmp_path, capsys):
     assert "vitdecomp synth train clip" in capsys.readouterr().err
 
 
-def test_cli_synth_bench_writes_json(weights, tmp_path, capsys):
+def test_cli_synth_bench_writes_json(weights, tmp_path, capsys, monkeypatch):
+    import vitdecomp.synth.bench as bench
+
+    returned = []  # the command is a shell over run_bench: it writes exactly what the library call returns
+    real = bench.run_bench
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **kw: returned.append(real(*a, **kw)) or returned[-1])
     target = tmp_path / "bench" / "bench.json"
     code = main(["synth", "bench", "--weights", str(weights), "--n-images", "60", "--n-segment", "20",
                  "--n-spurious", "60", "--out", str(target)])
     printed = capsys.readouterr().out
     assert code == 0 and "synthetic-world benchmark" in printed
     result = json.loads(target.read_text(encoding="utf-8"))
+    assert len(returned) == 1 and result == json.loads(json.dumps(returned[0], default=str))
     assert set(result["factor_agreement"]) == set(SCENE_FACTORS) == set(result["retrieval"])
     assert set(result["segmentation"]) == {"decomposition (colour texts)", "decomposition (shape texts)", "raw_attention", "rollout"}
     assert result["spurious"]["selection_split"] == "val" and len(result["spurious"]["selected"]) == 3

@@ -201,13 +201,13 @@ def test_index_is_built_once_reused_and_belongs_to_its_store(world, tmp_path, mo
     where = tmp_path / "idx"
     retrieve.build_index(store, [group], where)
     built: list[list[str]] = []
-    original = retrieve._stream_groups
+    original = retrieve.index._stream_groups  # the pass over the store, in the module that builds indexes
 
     def spy(store_, groups, *args, **kwargs):
         built.append([g.name for g in groups])
         return original(store_, groups, *args, **kwargs)
 
-    monkeypatch.setattr(retrieve, "_stream_groups", spy)
+    monkeypatch.setattr(retrieve.index, "_stream_groups", spy)
     again = retrieve.build_index(store, [retrieve.ComponentGroup("renamed", tuple(reversed(group.components)))], where)
     assert built == []  # same member set: reused, whatever its name and order
     assert "renamed" not in again and group in again

@@ -35,8 +35,9 @@ Example (tiny random CLIP, offline)::
     heat.patch.shape            # [1, 8, 8]
     heat.upsample(64).shape     # [1, 64, 64]
 
-``render_overlay`` draws a signed map over an image (blue negative, white zero, red positive)
-with PIL only.
+``render_overlay`` draws a signed map over an image (blue negative, white zero, red positive;
+symmetric limits ``[-vmax, vmax]``, so 0 is always white) with numpy and PIL;
+:func:`overlay_colormap` is the same colour map for matplotlib colour bars.
 
 **Back to the original image.** A model sees its input after its own preprocessing (resize,
 centre crop). :func:`crop_box` reads that geometry from the model's transform and returns a
@@ -45,7 +46,8 @@ when the transform pads). :func:`map_to_original` evaluates the bilinear interpo
 token grid at every original pixel centre inside the box, :func:`render_original` draws it at
 the original size (or shrunk to a longest side, :func:`fit_overlay`, which bounds memory and
 file size) with the pixels the model never saw greyed out, and :func:`render_panel`
-adds a colour bar and the prefix tokens' values beside the map. For models read through
+(matplotlib) adds a colour bar labelled with the map's units and the prefix tokens' values
+beside the map. For models read through
 CompAlign, :func:`aligned_directions` pulls CLIP-space directions back through the maps
 (``<y, F_i c> = <F_iᵀ y, c>``) so the token stack can be contracted before it is expanded,
 and :func:`take_columns` picks each component's own column.
@@ -83,6 +85,10 @@ __all__ = [
     "render_original",
     "render_overlay",
     "render_panel",
+    "panel_figure",
+    "panel_label",
+    "overlay_colormap",
+    "PANEL_LABEL",
     "take_columns",
     "token_heatmap",
 ]
@@ -685,13 +691,105 @@ def render_original(
     return result
 
 
-def _font(size: int) -> Any:
-    from PIL import ImageFont
+#: Default colour-bar label of :func:`render_panel`: what a token map's values are.
+PANEL_LABEL = "contribution of each token to <y, z>"
 
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
+
+def panel_label(direction: dict[str, Any]) -> str:
+    """The colour-bar label of a map, with its units, from a direction record (``{"kind": "class" | "text",
+    "contrast_index" | "contrast": ... }``, as ``vitdecomp heatmap`` records it in ``heatmaps.json``).
+
+    A class direction is a row ``w_c`` of the classifier, so the map is in logit units (a logit
+    difference with a contrast class); a text direction is a unit text embedding ``y``, so the
+    map is in the units of the representation ``z`` (``<y1 - y2, z>`` with a contrast text).
+    """
+    if direction.get("kind") == "class":
+        if direction.get("contrast_index") is not None:
+            return "contribution to the logit difference (logit units)"
+        return "contribution to the logit (logit units)"
+    if direction.get("contrast") is not None:
+        return "contribution to <y1 - y2, z> (y: unit text embeddings)"
+    return "contribution to <y, z> (y: unit text embedding)"
+
+
+def overlay_colormap(signed: bool = True) -> Any:
+    """The matplotlib colour map of :func:`render_overlay`'s colours, for colour bars and keys.
+
+    Signed (default): blue (``-vmax``) – white (0) – red (``+vmax``), i.e. ``_signed_colour`` of
+    ``s`` in ``[-1, 1]`` (matplotlib's ``bwr``, sampled with 0 exactly white); use it with limits
+    ``[-vmax, vmax]`` (e.g. ``TwoSlopeNorm(0, -vmax, vmax)``). Unsigned: its upper half, white (0) –
+    red (``vmax``), for maps that are never negative (attention, rollout), with limits ``[0, vmax]``.
+    """
+    from matplotlib.colors import ListedColormap
+
+    s = np.linspace(-1.0, 1.0, 511) if signed else np.linspace(0.0, 1.0, 256)
+    return ListedColormap(_signed_colour(s, 1.0) / 255.0, name="vitdecomp-signed" if signed else "vitdecomp-pos")
+
+
+def panel_figure(
+    overlay: Image.Image,
+    *,
+    vmax: float,
+    prefix: dict[str, float] | None = None,
+    title: str | None = None,
+    min_height: int = 256,
+    label: str = PANEL_LABEL,
+) -> Any:
+    """The matplotlib figure of :func:`render_panel` (same arguments), before it is drawn to pixels."""
+    import textwrap
+
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import FixedLocator
+    from PIL import Image
+
+    factor = max(1, -(-int(min_height) // max(1, overlay.height)))
+    big = overlay.convert("RGB").resize((overlay.width * factor, overlay.height * factor), Image.Resampling.NEAREST)
+    scale = float(vmax) if vmax is not None and float(vmax) > 0 else 1.0
+    prefix = dict(prefix or {})
+    dpi, font, line = 100, 9.0, 15  # 9 pt at 100 dpi: ~12.5 px glyphs, 15 px lines
+    pad, bar_gap, bar_w, right = 10, 10, 14, 118
+    width = pad + big.width + bar_gap + bar_w + right
+    wrap_chars = max(16, int((width - 2 * pad) / 6.6))
+    title_lines = textwrap.wrap(title, wrap_chars) if title else []
+    label_lines = textwrap.wrap(label, max(12, int((big.height - 4) / 6.6))) or [label]
+    per_row = max(1, (width - 2 * pad) // 150)
+    n_rows = max(1, -(-len(prefix) // per_row))
+    title_h = line * len(title_lines) + (6 if title_lines else 0)
+    height = pad + title_h + big.height + pad + n_rows * 20 + pad
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    fig.patch.set_facecolor("white")
+
+    def box(x: float, y_top: float, w: float, h: float) -> list[float]:  # pixels from the top-left -> fractions
+        return [x / width, 1.0 - (y_top + h) / height, w / width, h / height]
+
+    for k, text in enumerate(title_lines):
+        fig.text(pad / width, 1.0 - (pad + k * line) / height, text, ha="left", va="top", fontsize=font)
+    top = pad + title_h
+    fig.figimage(np.asarray(big), xo=pad, yo=height - top - big.height, origin="upper")
+    cax = fig.add_axes(box(pad + big.width + bar_gap, top, bar_w, big.height))
+    bar = fig.colorbar(ScalarMappable(norm=TwoSlopeNorm(0.0, -scale, scale), cmap=overlay_colormap(True)), cax=cax)
+    bar.ax.yaxis.set_major_locator(FixedLocator([-scale, -scale / 2, 0.0, scale / 2, scale]))
+    bar.ax.yaxis.set_major_formatter(lambda v, _: "0" if v == 0 else f"{v:+.3g}")
+    bar.ax.tick_params(labelsize=font - 1)
+    bar.set_label("\n".join(label_lines), fontsize=font - 0.5)
+    bar.ax.set_gid("colorbar")
+    y0 = top + big.height + pad
+    if not prefix:
+        fig.text(pad / width, 1.0 - (y0 + 3) / height, "no prefix tokens", ha="left", va="top", fontsize=font,
+                 color="#59636E")
+    cell_w = (width - 2 * pad) / per_row
+    for k, (name, value) in enumerate(prefix.items()):
+        x = pad + (k % per_row) * cell_w
+        y = y0 + (k // per_row) * 20
+        colour = tuple(float(c) / 255.0 for c in _signed_colour(np.float32(value), scale))
+        fig.add_artist(Rectangle((x / width, 1.0 - (y + 16) / height), 14 / width, 14 / height,
+                                 transform=fig.transFigure, facecolor=colour, edgecolor="black", linewidth=0.8))
+        fig.text((x + 20) / width, 1.0 - (y + 9) / height, f"{name} {value:+.3g}", ha="left", va="center",
+                 fontsize=font)
+    return fig
 
 
 def render_panel(
@@ -702,64 +800,40 @@ def render_panel(
     title: str | None = None,
     path: str | Path | None = None,
     min_height: int = 256,
+    label: str = PANEL_LABEL,
 ) -> Image.Image:
-    """An overlay with its scale and the prefix tokens beside it, for reading a map.
+    """An overlay with its colour bar and the prefix tokens beside it, for reading a map.
 
-    Layout: the title on top; the overlay (enlarged by a whole factor, nearest neighbour, until it
-    is at least ``min_height`` tall); to its right a colour bar from ``+vmax`` (red) through 0
-    (white) to ``-vmax`` (blue), labelled; below, one swatch per prefix token (CLS, registers),
-    coloured on the same scale and labelled with its value, since these tokens have no place
-    on the image.
+    Drawn with matplotlib (Agg). Layout, in pixels: the title on top (wrapped to the width); the
+    overlay, enlarged by a whole factor (nearest neighbour) until it is at least ``min_height``
+    tall and drawn 1:1; to its right a colour bar of :func:`overlay_colormap` from ``-vmax``
+    (blue) through 0 (white) to ``+vmax`` (red), ticks at ``±vmax, ±vmax/2, 0``, labelled with
+    ``label`` (what the values are, with units); below, one swatch per prefix token (CLS,
+    registers), coloured on the same scale and labelled with its value, since these tokens have
+    no place on the image. The panel is ``overlay width × factor + 152`` pixels wide.
 
     Args:
         overlay: e.g. from :func:`render_original`.
-        vmax: the value of full saturation used for the overlay.
+        vmax: the value of full saturation used for the overlay (0: a blank map, scale ±1).
         prefix: ``{name: value}`` of the prefix tokens (empty or None: "no prefix tokens").
         title: a caption line.
         path: where to save it.
         min_height: smallest height of the enlarged overlay.
-    """
-    from PIL import Image, ImageDraw
+        label: the colour bar's label, e.g. ``"contribution to <w_c, z> (logit units)"``.
 
-    factor = max(1, -(-int(min_height) // max(1, overlay.height)))
-    big = overlay.resize((overlay.width * factor, overlay.height * factor), Image.Resampling.NEAREST)
-    font = _font(12)
-    pad, bar_w, label_w, title_h, row_h = 8, 16, 70, 20 if title else 0, 20
-    prefix = dict(prefix or {})
-    n_rows = max(1, -(-len(prefix) // 3))
-    width = pad + big.width + pad + bar_w + 4 + label_w
-    height = pad + title_h + big.height + pad + n_rows * row_h + pad
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
-    top = pad + title_h
-    canvas.paste(big, (pad, top))
-    # colour bar: +vmax at the top, -vmax at the bottom
-    bar_x = pad + big.width + pad
-    ramp = np.linspace(1.0, -1.0, big.height, dtype=np.float32)
-    bar = np.repeat(_signed_colour(ramp, 1.0)[:, None, :], bar_w, axis=1)
-    canvas.paste(Image.fromarray(np.rint(bar).astype(np.uint8), mode="RGB"), (bar_x, top))
-    draw.rectangle([bar_x, top, bar_x + bar_w - 1, top + big.height - 1], outline=(0, 0, 0))
-    for frac, value in ((0.0, vmax), (0.5, 0.0), (1.0, -vmax)):
-        y = top + frac * (big.height - 1)
-        draw.line([bar_x + bar_w, y, bar_x + bar_w + 3, y], fill=(0, 0, 0))
-        draw.text((bar_x + bar_w + 5, min(max(top, y - 6), top + big.height - 12)), f"{value:+.3g}",
-                  fill=(0, 0, 0), font=font)
-    # prefix tokens
-    y0 = top + big.height + pad
-    if not prefix:
-        draw.text((pad, y0 + 3), "no prefix tokens", fill=(90, 90, 90), font=font)
-    cell_w = max(1, (width - pad) // 3)
-    for k, (name, value) in enumerate(prefix.items()):
-        x = pad + (k % 3) * cell_w
-        y = y0 + (k // 3) * row_h
-        colour = tuple(int(c) for c in np.rint(_signed_colour(np.float32(value), float(vmax))))
-        draw.rectangle([x, y + 2, x + 14, y + 16], fill=colour, outline=(0, 0, 0))
-        draw.text((x + 18, y + 3), f"{name} {value:+.3g}", fill=(0, 0, 0), font=font)
+    Returns:
+        The panel as an RGB image.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    fig = panel_figure(overlay, vmax=vmax, prefix=prefix, title=title, min_height=min_height, label=label)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    result = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy(), mode="RGB")
     if path is not None:
-        _save(canvas, path, "render_panel")
-    return canvas
+        _save(result, path, "render_panel")
+    return result
 
 
 # ----------------------------------------------------------------------- CompAlign

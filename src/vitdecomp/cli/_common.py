@@ -23,17 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def open_complete_store(path: Path, *, role: str = "store") -> ComponentStore:
-    """Open a store and require every chunk to be done (exit code 2 otherwise)."""
-    from ..errors import InputError
-    from ..store.component_store import ComponentStore
+    """Open a store and require every chunk to be done (exit code 2 otherwise):
+    :func:`vitdecomp.store.reopen.open_complete_store`."""
+    from ..store.reopen import open_complete_store as _open
 
-    if not Path(path).exists():
-        raise InputError(f"{role} {path} does not exist (write one with `vitdecomp decompose MODEL DATA --out STORE`)")
-    store = ComponentStore.open(path)
-    if not store.is_complete():
-        raise InputError(f"{role} {path} is not complete ({len(store.done_chunks())}/{store.n_chunks} chunks); "
-                         "finish it with the same `vitdecomp decompose` command first")
-    return store
+    return _open(path, role=role)
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, required: bool = False, store: bool = True,
@@ -61,47 +55,20 @@ def pretrained_choice(args: argparse.Namespace) -> bool | None:
 
 def load_store_model(store: ComponentStore, spec: str | None, checkpoint: Path | None = None,
                      *, pretrained: bool | None = None, device: str | None = None) -> Model:
-    """The model a store was written with, rebuilt from the store's record (offline-first).
+    """The model a store was written with, rebuilt from the store's record (offline-first):
+    :func:`vitdecomp.store.reopen.load_store_model`."""
+    from ..store.reopen import load_store_model as _load
 
-    ``spec`` (``--model``) overrides the recorded spec but must name the same model. Weights follow
-    the record (:func:`~vitdecomp.core.loading.load_recorded`): random init (checked against the recorded
-    digest, no hub access), a shipped tiny model, the same ``checkpoint`` file, or pretrained
-    weights from the local cache.
-    """
-    from ..errors import InputError
-    from ..core.loading import load_recorded
-
-    model = load_recorded(
-        spec or store.config.model, store.config.weights, checkpoint=checkpoint, pretrained=pretrained,
-        device=device, weights_digest=(store.config.extra or {}).get("weights_digest"), what=f"store {store.path}",
-    )
-    if model.name != store.config.model:
-        raise InputError(f"--model {spec} is not the store's model ({store.config.model}); drop --model to use it")
-    return model
+    return _load(store, spec, checkpoint, pretrained=pretrained, device=device)
 
 
 def load_alignment_clip(align: Any, spec: str | None, *, checkpoint: Path | None = None,
                         pretrained: bool | None = None, device: str | None = None) -> Model:
-    """The CLIP a CompAlign was fitted to, rebuilt from the maps' record (``clip_model``, ``clip_weights``).
+    """The CLIP a CompAlign was fitted to, rebuilt from the maps' record:
+    :func:`vitdecomp.store.reopen.load_alignment_clip`."""
+    from ..store.reopen import load_alignment_clip as _load
 
-    ``spec`` (``--model``) replaces the recorded CLIP; its weights then follow ``pretrained`` and
-    ``checkpoint`` (a warning notes that the texts come from another CLIP than the maps were fitted to).
-    """
-    from ..errors import InputError
-    from ..core.loading import load, load_recorded
-
-    recorded, weights = align.meta.get("clip_model"), align.meta.get("clip_weights")
-    if spec is None and not recorded:
-        raise InputError("the alignment does not record its CLIP model: give --model")
-    if (spec is None or spec == recorded) and weights:
-        return load_recorded(recorded, weights, checkpoint=checkpoint, pretrained=pretrained, device=device,
-                             what="the alignment's CLIP", strict=False)
-    spec = spec or recorded
-    model = load(spec, pretrained=pretrained is not False, checkpoint=checkpoint, device=device)
-    if weights not in (None, model.weights):
-        log.warning("the maps were fitted to %s (%s); the texts come from %s (%s)", recorded, weights,
-                    model.name, model.weights)
-    return model
+    return _load(align, spec, checkpoint=checkpoint, pretrained=pretrained, device=device)
 
 
 def text_tower(model: Model, *, hint: str) -> Any:

@@ -21,12 +21,9 @@ TEST`` reads existing ones (one store of all splits may be given three times). W
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -79,137 +76,75 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.set_defaults(run=run)
 
 
-def _stores(args: argparse.Namespace, model: Any, opened: list[Any] | None, need_train: bool) -> dict[str, Any]:
-    """The stores by split: ``opened`` (--stores), or made / resumed / reused under --store-dir."""
-    from ..store.dataset_run import decompose_dataset
-    from ..apps.debias import SPLITS
-
-    if opened is not None:
-        return dict(zip(SPLITS, opened))
-    out: dict[str, Any] = {}
-    for split in SPLITS:
-        if split == "train" and not need_train:
-            continue
-        path = args.store_dir / split
-        log.info("store %s (%s split)", path, split)
-        run = decompose_dataset(model, args.root, path, batch_size=args.batch_size, granularity=args.granularity,
-                                start_layer=args.start_layer, store_dtype=args.store_dtype, kind="waterbirds",
-                                split=split, num_workers=args.num_workers, progress=not getattr(args, "quiet", False))
-        out[split] = run.store
-    return out
-
-
-def _class_names(args: argparse.Namespace) -> list[list[str]]:
-    from ..errors import InputError
-
-    names = [[n.strip() for n in cls.split("|") if n.strip()] for cls in args.class_names]
-    if not all(names):
-        raise InputError(f"empty class name in --class-names {args.class_names}")
-    return names
-
-
 def run(args: argparse.Namespace) -> int:
+    """The analysis is :func:`vitdecomp.apps.debias.run_debias`; this writes its result (JSON, table, chart, report)."""
     import json
 
-    from ..apps import debias as db
-    from ..errors import InputError
-    from ..core.loading import load
-    from ..store.provenance import run_record, write_json
-    from ..report import Figure, Report, Section, Table
+    from ..apps.debias import run_debias
     from ..report.figures import debias_chart
-    from ..interpret.text.pools import load_pool
-    from ..interpret.align import find_alignment
-    from ._common import load_store_model, open_complete_store, pretrained_choice, text_tower
+    from ..store.provenance import run_record, write_json
+    from ._common import pretrained_choice
 
-    if args.k < 1:
-        raise InputError("--k must be at least 1")
-    if args.random_draws < 1:
-        raise InputError("--random-draws must be at least 1 (the random control)")
-    if (args.align is None) != (args.text_model is None):
-        raise InputError("--align and --text-model go together (a non-CLIP model read through CompAlign)")
-    labels = db.WaterbirdsLabels.read(args.root)  # clear errors for a missing or malformed metadata.csv
-    defaults = db.dataset_texts(args.root)  # a generated world's own texts (task.json), else the Waterbirds ones
-    spurious_pool = load_pool(args.spurious) if args.spurious is not None else defaults.spurious
-    core_pool = load_pool(args.core) if args.core is not None else defaults.core
-    templates = args.templates if args.templates is not None else defaults.templates
-    class_names = _class_names(args) if args.class_names is not None else [list(c) for c in defaults.class_names]
-    texts_used = {**db.DebiasTexts(tuple(tuple(c) for c in class_names), spurious_pool, core_pool, templates,
-                                   defaults.source).describe(),
-                  "from_arguments": [name for name in ("class_names", "spurious", "core", "templates")
-                                     if getattr(args, name) is not None]}
-    opened = None
-    if args.stores is not None:
-        opened = [open_complete_store(path, role=f"{split} store") for split, path in zip(db.SPLITS, args.stores)]
-        spec = args.model or opened[1].config.model
-        model = load_store_model(opened[1], args.model, args.checkpoint, pretrained=pretrained_choice(args),
-                                 device=args.device)
-    elif args.model is None:
-        raise InputError("--model is required with --store-dir")
-    else:
-        spec = args.model
-        model = load(spec, pretrained=not args.no_pretrained, checkpoint=args.checkpoint, device=args.device)
-    stores = _stores(args, model, opened, need_train=args.head == "linear")
-    for role, store in stores.items():
-        if store.config.model != model.name or store.config.weights != model.weights:
-            raise InputError(f"{role} store {store.path} holds {store.config.model} ({store.config.weights}), "
-                             f"not --model {spec} ({model.name}, {model.weights})")
-    db.check_stores(stores, labels)
-
-    align = None
-    if args.align is not None:
-        from ..interpret.align import CompAlign
-
-        align = CompAlign.load(find_alignment(args.align))
-        encoder = text_tower(load(args.text_model, device=args.device), hint="--text-model must be a CLIP model")
-    else:
-        encoder = text_tower(model, hint="pass --align MAPS --text-model CLIP_SPEC (CompAlign into a CLIP space)")
-    spurious = db.embed_texts(encoder, spurious_pool.texts, templates)
-    core = db.embed_texts(encoder, core_pool.texts, templates)
-
-    if args.head == "zero-shot":
-        head = db.zero_shot_classifier(encoder, class_names, templates,
-                                       space="aligned" if align is not None else "model")
-    elif args.head == "linear":
-        head = db.fit_linear_head(stores["train"], labels, c=args.c, seed=args.seed)
-    else:
-        weights = model.classifier()
-        if weights is None or weights[0].shape[0] != 2:
-            raise InputError(f"--head model needs a 2-class classifier; {spec} has "
-                             f"{'none' if weights is None else f'{weights[0].shape[0]} classes'}")
-        w, b = weights
-        head = db.ClassifierHead(w.detach().double().numpy(),
-                                 b.detach().double().numpy() if b is not None else [0.0, 0.0], "model")
-    result = db.debias(stores, labels, head, spurious=spurious, core=core, k=args.k, random_draws=args.random_draws,
-                       seed=args.seed, align=align, check=False)
-
+    run_ = run_debias(
+        args.root, args.model, stores=args.stores, store_dir=args.store_dir, head=args.head, k=args.k,
+        random_draws=args.random_draws, seed=args.seed, class_names=args.class_names, templates=args.templates,
+        spurious=args.spurious, core=args.core, c=args.c, align=args.align, text_model=args.text_model,
+        pretrained=pretrained_choice(args), checkpoint=args.checkpoint, device=args.device,
+        batch_size=args.batch_size, granularity=args.granularity, start_layer=args.start_layer,
+        store_dtype=args.store_dtype, num_workers=args.num_workers, progress=not getattr(args, "quiet", False))
+    result, texts = run_.result, run_.texts
     files = {"metadata": args.root / "metadata.csv"}
-    if defaults.source != "waterbirds":
-        files["task"] = Path(defaults.source)
+    if texts.source != "waterbirds":
+        files["task"] = Path(texts.source)
     if args.align is not None:
         files["align"] = args.align
     payload = {
-        "run": run_record("debias", args, stores={r: s for r, s in stores.items()},
-                          pool={"spurious": spurious_pool.manifest(), "core": core_pool.manifest()}, files=files,
-                          extra={"model": model.name, "weights": model.weights, "text_model": args.text_model,
-                                 "templates": templates}),
-        "texts": texts_used,
-        **result.to_json(),
+        "run": run_record("debias", args, stores=run_.stores,
+                          pool={"spurious": texts.spurious.manifest(), "core": texts.core.manifest()}, files=files,
+                          extra={"model": run_.model, "weights": run_.weights, "text_model": args.text_model,
+                                 "templates": texts.templates}),
+        **run_.to_json(),
     }
     table = result.format_table()
-    svg = debias_chart(result, title=f"Waterbirds test: {model.name}, {head.kind} head")
+    svg = debias_chart(result, title=f"Waterbirds test: {run_.model}, {run_.head.kind} head")
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "debias.json", payload)
     (args.out / "debias.md").write_text(table + "\n", encoding="utf-8")
     (args.out / "debias.svg").write_text(svg, encoding="utf-8")
+    _report(run_, svg).write(args.out / "report.html")
+    class_names = " vs ".join("|".join(c) for c in texts.class_names)
+    if args.json:
+        from ..store.provenance import jsonable
+
+        sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n")
+    else:
+        origin = "the Waterbirds defaults" if texts.source == "waterbirds" else texts.source
+        overridden = f" (overridden: {', '.join(run_.from_arguments)})" if run_.from_arguments else ""
+        sys.stdout.write(f"texts: {class_names}; spurious {texts.spurious.name} ({len(texts.spurious)}), core "
+                         f"{texts.core.name} ({len(texts.core)}), templates {texts.templates}; "
+                         f"defaults from {origin}{overridden}\n")
+        sys.stdout.write(f"{run_.model}, {run_.head.kind} head, k = {args.k}; selected on val ({result.n['val']} items): "
+                         f"{', '.join(result.selected)}\n\n{table}\n\nwrote {args.out}/debias.json, debias.md, "
+                         "debias.svg, report.html\n")
+    return 0
+
+
+def _report(run_: Any, svg: str) -> Any:
+    """The HTML report of a :class:`~vitdecomp.apps.debias.DebiasRun`: test accuracies, chart, selected components."""
+    import json
+
+    from ..report import Figure, Report, Section, Table
+
+    result, texts, k = run_.result, run_.texts, run_.result.k
     s = result.random_summary()
     rows = [[name, m["worst_group"], m["average_group"], m["weighted"]] for name, m in result.rows()]
-    rows.append([f"random {args.k} mean ({args.random_draws} draws)", s["worst_group_mean"], s["average_group_mean"],
+    rows.append([f"random {k} mean ({len(result.random)} draws)", s["worst_group_mean"], s["average_group_mean"],
                  s["weighted_mean"]])
-    rows.append([f"random {args.k} sd", s["worst_group_sd"], s["average_group_sd"], s["weighted_sd"]])
-    rows.append([f"random {args.k} max", s["worst_group_max"], s["average_group_max"], s["weighted_max"]])
-    report = Report(
+    rows.append([f"random {k} sd", s["worst_group_sd"], s["average_group_sd"], s["weighted_sd"]])
+    rows.append([f"random {k} max", s["worst_group_max"], s["average_group_max"], s["weighted_max"]])
+    return Report(
         title="Removing a spurious cue (Waterbirds)",
-        subtitle=f"{model.name}: {head.kind} head, top {args.k} components by contrastive score on val, mean-ablated "
+        subtitle=f"{run_.model}: {run_.head.kind} head, top {k} components by contrastive score on val, mean-ablated "
         "with val means, evaluated on test",
         sections=[
             Section("results", "Test accuracy", items=[
@@ -221,23 +156,8 @@ def run(args: argparse.Namespace) -> int:
                       [[c, *result.scores[c].values()] for c in result.selected]),
             ]),
         ],
-        meta={"model": model.name, "weights": model.weights, "n": json.dumps(result.n),
-              "class names": " vs ".join("|".join(c) for c in class_names), "templates": str(templates),
-              "spurious texts": f"{spurious_pool.name} ({spurious_pool.sha256[:12]})",
-              "core texts": f"{core_pool.name} ({core_pool.sha256[:12]})", "default texts from": defaults.source},
+        meta={"model": run_.model, "weights": run_.weights, "n": json.dumps(result.n),
+              "class names": " vs ".join("|".join(c) for c in texts.class_names), "templates": str(texts.templates),
+              "spurious texts": f"{texts.spurious.name} ({texts.spurious.sha256[:12]})",
+              "core texts": f"{texts.core.name} ({texts.core.sha256[:12]})", "default texts from": texts.source},
     )
-    report.write(args.out / "report.html")
-    if args.json:
-        from ..store.provenance import jsonable
-
-        sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n")
-    else:
-        origin = "the Waterbirds defaults" if defaults.source == "waterbirds" else defaults.source
-        overridden = f" (overridden: {', '.join(texts_used['from_arguments'])})" if texts_used["from_arguments"] else ""
-        sys.stdout.write(f"texts: {' vs '.join('|'.join(c) for c in class_names)}; spurious {spurious_pool.name} "
-                         f"({len(spurious_pool)}), core {core_pool.name} ({len(core_pool)}), templates {templates}; "
-                         f"defaults from {origin}{overridden}\n")
-        sys.stdout.write(f"{model.name}, {head.kind} head, k = {args.k}; selected on val ({result.n['val']} items): "
-                         f"{', '.join(result.selected)}\n\n{table}\n\nwrote {args.out}/debias.json, debias.md, "
-                         "debias.svg, report.html\n")
-    return 0

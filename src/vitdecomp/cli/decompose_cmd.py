@@ -12,11 +12,9 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-SHOW_PER_IMAGE = 4
 #: Exit code of a run ended by Ctrl-C (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
 
@@ -66,43 +64,19 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
-    import vitdecomp as vd
-
-    from ..data.images import find_images, iter_image_batches
-    from ..errors import InputError
+    """Image files: :func:`vitdecomp.store.image_run.decompose_images`; ``--out STORE``: :func:`run_dataset`."""
+    from ..store.image_run import decompose_images
 
     if args.out is not None and args.out.suffix.lower() not in (".safetensors",):
         return run_dataset(args)
-    paths = find_images(args.inputs)
-    if not paths:
-        raise InputError(f"no image files found in {' '.join(args.inputs)}")
-    model = vd.load(args.model, pretrained=not args.no_pretrained, checkpoint=args.checkpoint, device=args.device)
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    stacks, used, skipped = [], [], {}
-    batches = iter_image_batches(paths, model.transform, args.batch_size)
-    n_batches = -(-len(paths) // args.batch_size)
-    for batch in tqdm(batches, total=n_batches, desc="decompose", unit="batch", disable=n_batches < 2 or args.json):
-        skipped.update(batch.skipped)
-        if batch.pixels is None:
-            continue
-        stacks.append(
-            vd.decompose(
-                model, batch.pixels, granularity=args.granularity, start_layer=args.start_layer,
-                ln_mode=args.ln_mode, bias_mode=args.bias_mode, dtype=dtype,
-            ).to("cpu")
-        )
-        used.extend(batch.paths)
-    if not stacks:
-        raise InputError(f"none of the {len(paths)} images could be read: {skipped}")
-    stack = vd.ComponentStack.concat(stacks)
-    stack = replace(stack, meta={**stack.meta, "images": [str(p) for p in used], "skipped": skipped})
-    report = _report(model, stack, args.top)
-    report.update(images=[str(p) for p in used], skipped=skipped)
+    result = decompose_images(
+        args.model, args.inputs, granularity=args.granularity, start_layer=args.start_layer, ln_mode=args.ln_mode,
+        bias_mode=args.bias_mode, dtype=args.dtype, batch_size=args.batch_size, top=args.top,
+        progress=not (args.json or getattr(args, "quiet", False)), pretrained=not args.no_pretrained,
+        checkpoint=args.checkpoint, device=args.device)
+    report = result.to_json()
     if args.out is not None:
-        report["saved"] = str(stack.save(args.out))
+        report["saved"] = str(result.stack.save(args.out))
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
@@ -145,21 +119,7 @@ def run_dataset(args: argparse.Namespace) -> int:
         if joined:
             shutdown()
     manifest = result.manifest
-    summary = {
-        "store": str(args.out),
-        "rank": info.rank,
-        "world_size": info.world_size,
-        "complete": manifest["complete"],
-        "counts": manifest["counts"],
-        "error": manifest["error"],
-        "this_run": {
-            "chunks": len(result.chunks_done),
-            "images": result.images,
-            "skipped": len(result.skipped),
-            "seconds": round(result.seconds, 3),
-            "images_per_s": round(result.images_per_second, 2),
-        },
-    }
+    summary = result.summary(rank=info.rank, world_size=info.world_size)
     if info.rank == 0:
         if args.json:
             sys.stdout.write(json.dumps(summary, indent=2) + "\n")
@@ -201,49 +161,6 @@ def _format_dataset(summary: dict[str, Any], manifest: dict[str, Any]) -> str:
     if len(manifest["skipped"]) > 10:
         lines.append(f"  ... {len(manifest['skipped']) - 10} more skipped (see manifest.json)")
     return "\n".join(lines) + "\n"
-
-
-def _report(model: Any, stack: Any, top: int) -> dict[str, Any]:
-    """Top components per image (few images) or on average (many), as plain data."""
-    import torch
-
-    summed = stack.sum_tokens()
-    ref = summed.reference.double()
-    values = summed.values.double()  # [comp, batch, d]
-    share = torch.einsum("cbd,bd->cb", values, ref) / ref.pow(2).sum(-1)  # sums to 1 over components
-    norms = values.norm(dim=-1)
-    report: dict[str, Any] = {
-        "model": model.name,
-        "weights": model.weights,
-        "granularity": stack.meta.get("granularity"),
-        "components": len(stack),
-        "error": stack.error(),
-        "tolerance": float(stack.meta.get("rtol", 1e-5)),
-    }
-    classifier = model.classifier()
-    per_image = stack.batch_size <= SHOW_PER_IMAGE
-    rows = []
-    columns = range(stack.batch_size) if per_image else [None]
-    for b in columns:
-        n = norms[:, b] if b is not None else norms.mean(1)
-        s = share[:, b] if b is not None else share.mean(1)
-        order = torch.argsort(n, descending=True)[:top]
-        entry: dict[str, Any] = {
-            "image": None if b is None else b,
-            "top": [{"component": stack.names[i], "norm": float(n[i]), "share": float(s[i])} for i in order],
-        }
-        if classifier is not None and b is not None:
-            weight, bias = (t.detach() if t is not None else None for t in classifier)
-            logits = ref[b] @ weight.double().T + (bias.double() if bias is not None else 0.0)
-            pred = int(logits.argmax())
-            contrib = values[:, b] @ weight[pred].double()
-            best = torch.argsort(contrib.abs(), descending=True)[:top]
-            entry["predicted_class"] = pred
-            entry["logit"] = float(logits[pred])
-            entry["logit_top"] = [{"component": stack.names[i], "contribution": float(contrib[i])} for i in best]
-        rows.append(entry)
-    report["rows"] = rows
-    return report
 
 
 def _format(report: dict[str, Any]) -> str:

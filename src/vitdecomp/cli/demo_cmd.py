@@ -41,23 +41,12 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The demo is :func:`vitdecomp.synth.demo.run_demo` (settings: :meth:`DemoConfig.for_run`); this prints
+    its summary."""
     from ..synth.demo import DemoConfig, run_demo
-    from ..errors import InputError
 
-    if (args.model is None) != (args.images is None):
-        raise InputError("--model and --images go together")
-    cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    if args.model is not None:
-        cfg.n_images = 64
-    if args.n_images is not None:
-        if args.n_images < 20:
-            raise InputError("--n-images must be at least 20")
-        cfg.n_images = args.n_images
-    cfg.weights = args.weights
-    if args.no_pretrained:
-        if args.model is None:
-            raise InputError("--no-pretrained goes with --model")
-        cfg.pretrained = False
+    cfg = DemoConfig.for_run(quick=args.quick, model=args.model, n_images=args.n_images,
+                             pretrained=not args.no_pretrained, weights=args.weights)
     with _stage_lines(args):
         results = run_demo(args.out, model=args.model, images=args.images, config=cfg)
     out = sys.stdout

@@ -114,24 +114,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..errors import InputError
+    from ..synth.train import train_tiny
 
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-    common = dict(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr, out_path=args.out,
-                  n_images=args.n_images, task=args.task, eval_n=args.eval_n)
-    if args.model == "clip":
-        from ..synth.train import train_clip
-
-        _, info = train_clip(args.data, **common)
-    else:
-        from ..core.tiny import SWIN_CONFIG
-        from ..synth.train import train_classifier
-
-        spurious = args.spurious if args.model == "spurious" else None
-        extra: dict[str, Any] = {"config": SWIN_CONFIG, "kind": "swin"} if args.model == "swin" else {}
-        _, info = train_classifier(args.data, spurious=spurious, **common, **extra)
+    _, info = train_tiny(args.model, args.data, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                         lr=args.lr, out_path=args.out, n_images=args.n_images, task=args.task,
+                         spurious=args.spurious, eval_n=args.eval_n)
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
         return 0
@@ -148,31 +135,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..synth.bench import BenchConfig, run_clip_bench, spurious_bench
-    from ..core.shipped import load_shipped
+    from ..synth.bench import BenchConfig, run_bench
 
-    from ..errors import InputError
-
-    for name in ("n_images", "n_segment", "n_spurious"):
-        if getattr(args, name) < 20:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 20")
     cfg = BenchConfig(n_images=args.n_images, n_segment=args.n_segment, n_spurious=args.n_spurious, top_k=args.k,
                       seed=args.seed, n_queries=min(200, args.n_images))
-    clip = load_shipped("clip", args.weights)
-    result = run_clip_bench(clip, cfg)
-    classifier = load_shipped("spurious", args.weights)
-    info = classifier.extras["tiny"]
-    result["spurious"] = spurious_bench(clip, classifier, n_train=cfg.n_spurious, n=cfg.n_spurious, k=cfg.top_k,
-                                        n_random=cfg.n_random, seed=cfg.seed, batch_size=cfg.batch_size)
-    from ..synth.bench import aligned_bench, factor_texts, make_sample
-    from ..interpret.text import text_encoder
-
-    sample, texts = make_sample(cfg.n_images, cfg.seed), factor_texts(text_encoder(clip))
-    swin, vit = load_shipped("swin", args.weights), load_shipped("vit", args.weights)
-    result["aligned"] = aligned_bench(swin, clip, sample, texts, k=cfg.top_k, seed=cfg.seed)
-    result["aligned_vit"] = aligned_bench(vit, clip, sample, texts, k=cfg.top_k, seed=cfg.seed)
-    result["models"] = {"clip": clip.extras["tiny"], "spurious": info, "swin": swin.extras["tiny"],
-                        "vit": vit.extras["tiny"]}
+    result = run_bench(cfg, args.weights)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")

@@ -73,6 +73,26 @@ class DatasetRun:
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
+    def summary(self, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+        """What ``vitdecomp decompose DATA --out STORE --json`` prints: the store's state (complete,
+        counts, the sum check's error) and this process's share (chunks, images, skipped, time)."""
+        manifest = self.manifest
+        return {
+            "store": str(self.store.path),
+            "rank": rank,
+            "world_size": world_size,
+            "complete": manifest["complete"],
+            "counts": manifest["counts"],
+            "error": manifest["error"],
+            "this_run": {
+                "chunks": len(self.chunks_done),
+                "images": self.images,
+                "skipped": len(self.skipped),
+                "seconds": round(self.seconds, 3),
+                "images_per_s": round(self.images_per_second, 2),
+            },
+        }
+
 
 def decompose_dataset(
     model: Model | nn.Module,

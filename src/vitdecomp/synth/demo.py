@@ -79,6 +79,32 @@ class DemoConfig:
         """Small settings for tests and a first look: a fifth of the scenes (sections and baselines all kept)."""
         return cls(n_images=120, n_segment=20, n_spurious=64, n_heatmaps=2, quick_mode=True)
 
+    @classmethod
+    def for_run(cls, *, quick: bool = False, model: str | None = None, n_images: int | None = None,
+                pretrained: bool = True, weights: str | Path | None = None) -> DemoConfig:
+        """The settings ``vitdecomp demo`` runs with: :meth:`quick` or the defaults, 64 images for a real
+        ``model``, ``n_images`` (at least 20) when given, random weights (``pretrained=False``, with a
+        ``model`` only) and a folder of tiny models (``weights``) instead of the shipped ones.
+
+        Raises:
+            InputError: fewer than 20 images, or ``pretrained=False`` without a model.
+        """
+        from ..errors import InputError
+
+        cfg = cls.quick() if quick else cls()
+        if model is not None:
+            cfg.n_images = 64
+        if n_images is not None:
+            if n_images < 20:
+                raise InputError("--n-images must be at least 20")
+            cfg.n_images = n_images
+        cfg.weights = weights
+        if not pretrained:
+            if model is None:
+                raise InputError("--no-pretrained goes with --model")
+            cfg.pretrained = False
+        return cfg
+
     def describe_quick(self) -> str:
         """A sentence on what quick mode leaves out ('' for the full settings)."""
         if not self.quick_mode:
@@ -115,7 +141,19 @@ class _Stages:
 
 def run_demo(out_dir: str | Path, *, model: str | None = None, images: str | Path | None = None,
              config: DemoConfig | None = None) -> dict[str, Any]:
-    """Run the demo and write ``out_dir/report.html`` and ``out_dir/results.json``; returns the results."""
+    """Run the demo and write ``out_dir/report.html`` and ``out_dir/results.json``; returns the results.
+
+    With neither ``model`` nor ``images``: the shipped tiny models on the synthetic world; with both: a
+    model spec and a folder of images (as far as the model allows). ``config``: the sizes
+    (:meth:`DemoConfig.for_run` makes the command's).
+
+    Raises:
+        InputError: ``model`` without ``images`` or the other way round.
+    """
+    if (model is None) != (images is None):
+        from ..errors import InputError
+
+        raise InputError("--model and --images go together")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config or DemoConfig()
@@ -281,7 +319,7 @@ def _section_model(model: Model, results: dict[str, Any], sample: Any) -> Sectio
         "The representation z of every image is split into the direct contributions of the embedding, "
         "every attention head, every MLP and the per-layer biases; the parts add up to the model's own "
         "output (the relative error below is checked at run time).",
-    ], [Table(["fact", "value"], rows, numeric_format="{:.3g}"),
+    ], [Table(["fact", "value"], rows),
         Figure.from_pil(grid, caption="Some of the generated scenes (64 px).", alt="generated scenes")])
 
 
@@ -300,29 +338,32 @@ def _section_textspan(results: dict[str, Any]) -> Section:
     from ..report import Section, Table
 
     rows = [[r["component"], ", ".join(r["texts"]), ", ".join(r["factors"]),
-             100 * float(sum(r["variance_explained"]))] for r in results["textspan"]]
+             float(sum(r["variance_explained"]))] for r in results["textspan"]]
     return Section("textspan", "Heads labelled with text (TextSpan)", [
         "For every head, the phrases from the world's vocabulary that greedily explain most of its "
-        "variance (covariance form, docs/method.md §5), with the factor each phrase names.",
-    ], [Table(["head", "texts (in order)", "factors", "variance explained %"], rows, numeric_format="{:.1f}")])
+        "variance (covariance form, docs/method.md §5), with the factor each phrase names, and the fraction "
+        "of the head's variance they explain together.",
+    ], [Table(["head", "texts (in order)", "factors", "variance explained (fraction)"], rows)])
 
 
 def _section_components(table: Any, results: dict[str, Any]) -> Section:
-    import tempfile
-
     from ..report import Figure, Section, Table
+    from ..report.figures import score_heatmap
 
     rows = []
     for f in table.features:
         top = table.top(f, 3)
         rows.append([f, ", ".join(f"{name} ({value:.2f})" for name, value in top)])
-    with tempfile.TemporaryDirectory() as tmp:
-        svg = Path(table.plot(Path(tmp) / "scores.svg", title="correlation score")).read_text(encoding="utf-8")
+    svg = score_heatmap(table, title=f"Correlation score of every component with every factor "
+                                     f"({results['n_images']} scenes)")
     return Section("components", "Components per factor", [
         "Correlation score of each component with each factor (docs/method.md §4): the mean Pearson correlation, "
         "over an orthonormal basis of the factor's text embeddings, between the component's projection "
         "and the representation's.",
-    ], [Table(["factor", "top components (score)"], rows), Figure.from_svg(svg, caption="Scores, components x factors.")])
+    ], [Table(["factor", "top components (score)"], rows),
+        Figure.from_svg(svg, caption="Scores, components x factors: red positive, blue negative, white 0 (a constant "
+                                     "component, such as the final bias, scores 0).",
+                        alt="heat map of correlation scores, components by factors")])
 
 
 def _section_agreement(results: dict[str, Any]) -> Section:
@@ -369,43 +410,41 @@ def _section_heatmaps(model: Model, sample: Any, texts: dict[str, np.ndarray], r
     import torch.nn.functional as F
 
     from ..apps.segmentation.attention import raw_attention, rollout
-    from ..apps.heatmap import render_overlay
-    from ..report import Figure, Grid, Section, Table
+    from ..report import Figure, Section, Table
+    from ..report.figures import OverlayColumn, overlay_grid
     from .bench import SEGMENT_TEXTS, model_pixels as _pixels, decomposition_map
 
     seg = results["segmentation"]
     metric_rows = [[name, m["pixel_accuracy"], m["miou_two_class"], m["map_two_channel"], m["fg_iou"]]
                    for name, m in seg.items()]
     x = _pixels(model, sample.images[:n])
-    maps = {f"decomposition ({f} texts)": decomposition_map(model, x, torch.from_numpy(texts[f]).float())
-            for f in SEGMENT_TEXTS}
-    maps.update({"raw attention": raw_attention(model, x), "rollout": rollout(model, x)})
-    figures = []
-    for b in range(n):
-        figures.append(Figure.from_pil(_upscale(sample.images[b]), caption="image"))
-        for name, grid in maps.items():
-            up = F.interpolate(grid[b][None, None].double(), size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
-            figures.append(Figure.from_pil(_upscale(np.asarray(render_overlay(sample.images[b], up.numpy()))),
-                                           caption=name))
+    decomposition_units = r"contribution to $\langle y_{pred} - \bar{y},\ z\rangle$ (embedding units)"
+    columns = [OverlayColumn(f"decomposition ({f} texts)",
+                             decomposition_map(model, x, torch.from_numpy(texts[f]).float()), decomposition_units)
+               for f in SEGMENT_TEXTS]
+    columns += [OverlayColumn("raw attention", raw_attention(model, x), "CLS attention weight (fraction)",
+                              signed=False),
+                OverlayColumn("rollout", rollout(model, x), "rollout relevance (fraction)", signed=False)]
+    size = tuple(sample.images.shape[1:3])
+    columns = [OverlayColumn(c.title, [F.interpolate(m[None, None].double(), size=size, mode="bilinear",
+                                                     align_corners=False)[0, 0].numpy() for m in c.maps[:n]],
+                             c.units, c.signed) for c in columns]
+    svg = overlay_grid(list(sample.images[:n]), columns, alpha=0.6, tile=170)
     return Section("heatmaps", "Token heatmaps and zero-shot segmentation", [
         "Decomposition maps: each patch's contribution through all heads to the predicted colour's (or shape's) "
         "text minus the mean over that factor's texts (docs/method.md §6.5). Baselines from the same model's attention. Metrics against "
         "the exact object masks, Chefer et al.'s protocol (threshold at the mean relevance).",
-    ], [Table(["map", "pixel accuracy", "mIoU (2 classes)", "mAP (2 channels)", "foreground IoU"], metric_rows),
-        Grid(figures, columns=5, caption="Image, decomposition maps (colour texts, shape texts), raw attention, "
-                                         "rollout.")])
-
-
-def _upscale(image: np.ndarray, scale: int = 3) -> Any:
-    from PIL import Image
-
-    pil = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    ], [Table(["map", "pixel accuracy", "mIoU (2 classes)", "mAP (2 channels)", "foreground IoU"], metric_rows,
+              caption="All metrics are fractions in [0, 1]."),
+        Figure.from_svg(svg, caption="Each row an image; its decomposition maps (colour texts, shape texts: signed, "
+                                     "blue-white-red centred at 0), raw attention and rollout (non-negative, "
+                                     "white-red). Each column has one scale, its colour bar below it.",
+                        alt="token heatmaps over the scenes")])
 
 
 def _section_spurious(results: dict[str, Any]) -> Section:
     from ..report import Figure, Section, Table
-    from ..report.figures import bar_chart
+    from ..report.figures import accuracy_bars
 
     s = results["spurious"]
     k, r = s["k"], s["random"]
@@ -425,21 +464,24 @@ def _section_spurious(results: dict[str, Any]) -> Section:
             [f"random {k}: max", "", r["worst_group_max"], r["average_group_max"], r["weighted_max"]]]
     columns = ["intervention", "components", "worst-group acc.", "average-group acc.", "weighted acc."]
     groups = " vs ".join("{" + ", ".join(g) + "}" for g in s["groups"])
-    chart = bar_chart({
+    random_mean = f"random {k}\n(mean ± sd)"
+    chart = accuracy_bars({
         "baseline": [s["before"]["worst_group"], s["before"]["average_group"]],
-        f"top-{k} contrastive": [s["after"]["worst_group"], s["after"]["average_group"]],
-        f"top-{k} variance": [s["variance_control"]["worst_group"], s["variance_control"]["average_group"]],
-        "random mean": [r["worst_group_mean"], r["average_group_mean"]],
-        "random max": [r["worst_group_max"], r["average_group_max"]],
-    }, title="test accuracy (linear head on the CLIP)", ylabel="accuracy",
-        series=["worst-group", "average-group (unweighted)"], width=720)
-    items: list[Any] = [Table(columns, rows, caption=f"Linear head on {s['model']}"),
-                        Figure.from_svg(chart, caption="Worst-group and average-group test accuracy.")]
+        f"top-{k}\ncontrastive\nablated": [s["after"]["worst_group"], s["after"]["average_group"]],
+        f"top-{k}\nvariance\nablated": [s["variance_control"]["worst_group"], s["variance_control"]["average_group"]],
+        random_mean: [r["worst_group_mean"], r["average_group_mean"]],
+        f"random {k}\n(max)": [r["worst_group_max"], r["average_group_max"]],
+    }, errors={random_mean: [r["worst_group_sd"], r["average_group_sd"]]},
+        title="Test accuracy of the linear head on the CLIP")
+    items: list[Any] = [Table(columns, rows, caption=f"Linear head on {s['model']} (accuracies are fractions)."),
+                        Figure.from_svg(chart, caption=f"Worst-group and average-group test accuracy; the random "
+                                                       f"bars are the mean of {draws} draws with ± one sd.",
+                                        alt="bar chart of worst-group and average-group accuracy")]
     paragraphs = [
         f"Waterbirds in the synthetic world: the class is the object's {s['task']} ({groups}), the place is the "
         f"background (land / water). A logistic-regression head on the tiny CLIP's representation is trained on "
-        f"{s['n_train']} scenes where the place goes with the class {100 * s['train_aligned_share']:.0f} % of the "
-        f"time, so it leans on the background. Components are ranked on a separate, group-balanced val set "
+        f"{s['n_train']} scenes where the place goes with the class in a fraction {s['train_aligned_share']:.2f} "
+        f"of them, so it leans on the background. Components are ranked on a separate, group-balanced val set "
         f"({s['n_val']} scenes) by the contrastive correlation score (background texts minus {s['task']} texts, "
         f"docs/method.md §4), the top {k} are mean-ablated (val means), and accuracy is measured on a third, group-balanced "
         f"test set ({s['n_test']} scenes). Controls: {k} random components ({draws} draws) and the {k} components "
@@ -484,7 +526,7 @@ def _real(spec: str | None, images: str | Path | None, cfg: DemoConfig,
     from .. import __version__
     from ..errors import InputError
     from ..core.loading import load
-    from ..report import Figure, Grid, Report, Section, Table
+    from ..report import Report, Section, Table
     from .bench import decompose_sample
 
     if spec is None or images is None:
@@ -521,7 +563,7 @@ def _real(spec: str | None, images: str | Path | None, cfg: DemoConfig,
     report.sections.append(Section("heatmaps", "Token heatmaps", [
         "Each patch's contribution through all heads to the image's own predicted class direction (classifier "
         "weights) or, for a model without a classifier, to its own representation direction."],
-        [Grid(figures, columns=2)]))
+        figures))
     if encoder is not None:
         with stage(f"TextSpan labels ('{cfg.pool}' pool; its text embeddings are cached)"):
             spans = _real_textspan(stack, encoder, cfg)
@@ -614,16 +656,17 @@ def _read_images(folder: Path, limit: int, size: tuple[int, int] = (224, 224)) -
 
 
 def _real_heatmaps(model: Model, images: np.ndarray) -> list[Any]:
-    import torch
+    """One figure: each image and the map of its heads onto its own predicted direction, with a colour bar."""
     import torch.nn.functional as F
 
     from ..core.decomposition import decompose
-    from ..apps.heatmap import render_overlay, token_heatmap
+    from ..apps.heatmap import token_heatmap
     from ..report import Figure
+    from ..report.figures import OverlayColumn, overlay_grid
     from .bench import model_pixels as _pixels
 
     x = _pixels(model, images)
-    figures = []
+    maps = []
     head = model.classifier()
     for b in range(len(images)):
         z = model.representation(x[b:b + 1])[0]
@@ -632,6 +675,9 @@ def _real_heatmaps(model: Model, images: np.ndarray) -> list[Any]:
         heads = [str(lab) for lab in stack.labels if lab.kind == "head"]
         heat = token_heatmap(stack, None, components=heads)
         up = F.interpolate(heat.patch[None].double(), size=images.shape[1:3], mode="bilinear", align_corners=False)[0, 0]
-        figures.append(Figure.from_pil(_upscale(images[b], 1), caption="image"))
-        figures.append(Figure.from_pil(render_overlay(images[b], up.numpy()), caption="heads -> predicted direction"))
-    return figures
+        maps.append(up.numpy())
+    units = ("contribution to the predicted logit (logit units)" if head is not None else
+             r"contribution to $\langle z/|z|,\ z\rangle$ (embedding units)")
+    svg = overlay_grid(list(images), [OverlayColumn("all heads -> predicted direction", maps, units)], tile=220)
+    return [Figure.from_svg(svg, caption="Each row an image and its map (blue-white-red, centred at 0; one scale, "
+                                         "its colour bar below).", alt="token heatmaps")]

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["EVAL_SEED", "train_clip", "train_classifier", "evaluate_clip", "evaluate_classifier", "group_accuracy",
+__all__ = ["EVAL_SEED", "train_tiny", "train_clip", "train_classifier", "evaluate_clip", "evaluate_classifier", "group_accuracy",
            "pixels",
            "clip_batch", "clip_loss", "classifier_batch"]
 
@@ -405,3 +405,34 @@ def _tail(losses: list[float]) -> float | None:
 def _head(losses: list[float]) -> float | None:
     head = losses[:max(1, len(losses) // 10)]
     return round(float(np.mean(head)), 5) if head else None
+
+
+def train_tiny(
+    kind: str, data: str | Path | None = None, *, seed: int = 0, steps: int = 2000, batch_size: int = 128,
+    lr: float = 1e-3, out_path: str | Path | None = None, n_images: int | None = None, task: str = "shape",
+    spurious: float = 0.95, eval_n: int = 500,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``vitdecomp synth train KIND``: one of the tiny models, trained on generated scenes.
+
+    ``"clip"``: :func:`train_clip` (contrastive, full and partial captions); ``"vit"``: a timm ViT
+    classifying ``task``; ``"swin"``: a timm Swin (:data:`~vitdecomp.core.tiny.SWIN_CONFIG`) classifying
+    ``task``; ``"spurious"``: a timm ViT on the binary task whose class matches the water/land background
+    with probability ``spurious`` (:func:`train_classifier`). ``data``: train on that generated dataset's
+    train split instead of scenes made on the fly. Returns ``(model in eval mode, sidecar info)``.
+
+    Raises:
+        InputError: an unknown kind, fewer than one step or one image per step.
+    """
+    if kind not in ("clip", "vit", "swin", "spurious"):
+        raise InputError(f"unknown tiny model {kind!r}; choose clip, vit, swin or spurious")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    common: dict[str, Any] = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "out_path": out_path,
+                              "n_images": n_images, "task": task, "eval_n": eval_n}
+    if kind == "clip":
+        return train_clip(data, **common)
+    from ..core.tiny import SWIN_CONFIG
+
+    extra: dict[str, Any] = {"config": SWIN_CONFIG, "kind": "swin"} if kind == "swin" else {}
+    return train_classifier(data, spurious=spurious if kind == "spurious" else None, **common, **extra)

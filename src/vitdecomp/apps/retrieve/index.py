@@ -1,64 +1,11 @@
-"""Retrieval by feature (docs/method.md §6.2–6.3): nearest neighbours through groups of components.
+"""The index folder of a store: build once, reuse, refuse another store's (docs/method.md §6.2–6.3).
 
-A *component group* ``G`` is a set of components of a store; its representation of item ``x`` is
-the normalised sum of its members' direct contributions::
-
-    z_G(x) = s_G(x) / ‖s_G(x)‖,    s_G(x) = Σ_{i∈G} c_i(x)      (a zero sum stays zero)
-
-so inner products are cosines. The *full* group (:data:`FULL`) is the model's own representation
-``z(x)`` (the store's float32 ``reference``, i.e. the exact sum of every component), for comparison.
-
-* **Text → images** (§6.2): components sorted by their feature score ``s_{·,p}`` (``corr``) are
-  taken in groups of three, ``{c_{3j}, c_{3j+1}, c_{3j+2}}`` (:func:`feature_groups`); items are
-  ranked by ``cos(z_G(x), y_s)`` with ``y_s`` the unit text embedding (:func:`by_text`). This needs
-  the store in the text's space (a CLIP store, or one already aligned with CompAlign).
-* **Image → images** (§6.3): the group is the top-``k`` components by *selectivity* ``g``
-  (``feature_groups(..., by="selectivity")``); items are ranked by ``cos(z_G(x'), z_G(x_ref))``
-  in the store's own space, the query item excluded (:func:`by_image`).
-
-:func:`build_index` streams a :class:`~vitdecomp.store.component_store.ComponentStore` once
-(:meth:`~vitdecomp.store.component_store.ComponentStore.iter_batches`, memory one chunk) and writes, per group,
-one float16 inner-product index to a folder (default ``STORE/retrieval``)::
-
-    index.json             format, the store's identity (provenance.store_record), the rows,
-                           normalisation, and per group: name, components, backend, file, dim
-    rows.npy, ids.json     store row and id of every indexed item (valid rows of done chunks)
-    group-<key>.faiss      faiss IndexScalarQuantizer(d, QT_fp16, METRIC_INNER_PRODUCT)
-    group-<key>.npy        float16 [n, d] (backend "numpy": exact brute force, no faiss needed)
-
-``<key>`` hashes the group's member set, so a group is built once and reused by every later
-call (whatever its name); new groups are added to the same folder in one more pass. An index
-folder belongs to one store content: opening it with another store (or the same store after
-more chunks were written or it was finalised again) raises :class:`IndexMismatchError` listing
-what differs (pass ``rebuild=True`` to start over).
-
-**Through a CompAlign** (text queries on a non-CLIP store, docs/method.md §3 + §6.2): ``build_index(...,
-align=A)`` maps every component into the CLIP space first and sums the mapped contributions,
-
-    z_G(x) = s_G(x) / ‖s_G(x)‖,    s_G(x) = Σ_{i∈G} F_i c_i(x)      (F_i: component i's map, [d_clip, d])
-
-and the full group is the aligned representation ``Σ_i F_i c_i(x)`` (all components). The index
-then lives in the CLIP space (``dim = d_clip``), so :func:`by_text` takes the CLIP's text
-embeddings. ``index.json`` records the alignment (``"alignment"``: the file and its sha256 when
-it came from a file, a digest of the maps themselves, ``d_clip``): building into a folder made
-with another alignment (or none) raises :class:`IndexMismatchError`. The default folder of an
-aligned index is ``STORE/retrieval-align-<digest>``, so it never collides with the plain one.
-
-faiss is optional (``pip install 'vitdecomp[retrieval]'``); ``backend="numpy"`` stores the same
-float16 vectors as ``.npy`` and answers with an exact blocked brute force over them (decoded to
-float32 in memory when first searched; slower per query than faiss, see ``benchmarks/retrieval.py``).
-
-Example::
-
-    import vitdecomp as vd
-    from vitdecomp import retrieve
-
-    store = vd.store.ComponentStore.open("clip.zarr")
-    groups = retrieve.feature_groups(table, "colour", size=3)      # table: a vd.score.ScoreTable
-    index = retrieve.build_index(store, [*groups, retrieve.full_group()])
-    hits = retrieve.by_text(index[groups[0]], text_embeddings, k=10)   # [q, d] unit rows
-    hits.ids[0], hits.scores[0]                                     # best first
-    hits = retrieve.by_image(index[groups[0]], "train/red/000012.png", k=10)
+:func:`build_index` streams a :class:`~vitdecomp.store.component_store.ComponentStore` once and
+writes, per :class:`~vitdecomp.apps.retrieve.groups.ComponentGroup`, one float16 inner-product
+index of the unit group sums ``z_G(x) = Σ_{i∈G} c_i(x) / ‖·‖`` (or, through a CompAlign,
+``Σ_{i∈G} F_i c_i(x) / ‖·‖``) into a folder; :class:`RetrievalIndex` opens the folder and checks it
+belongs to the store's current content (:class:`IndexMismatchError` otherwise). The folder's
+format is described in :mod:`vitdecomp.apps.retrieve`.
 """
 from __future__ import annotations
 
@@ -69,479 +16,35 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InputError
+from ...errors import InputError
+from .exact import unit_rows
+from .group_index import BACKENDS, Backend, GroupIndex, require_faiss
+from .groups import ComponentGroup
 
 if TYPE_CHECKING:
-    import torch
+    from ...interpret.align import CompAlign
+    from ...store.component_store import ComponentStore
 
-    from ..interpret.align import CompAlign
-    from ..interpret.score import ScoreTable
-    from ..store.component_store import ComponentStore
-
-__all__ = [
-    "FULL",
-    "Backend",
-    "ComponentGroup",
-    "GroupIndex",
-    "Hits",
-    "IndexMismatchError",
-    "RetrievalIndex",
-    "build_index",
-    "by_image",
-    "by_text",
-    "alignment_record",
-    "exact_search",
-    "feature_groups",
-    "full_group",
-    "precision_at_k",
-    "search",
-    "top_components",
-    "unit_rows",
-]
+__all__ = ["FORMAT", "IndexMismatchError", "RetrievalIndex", "VectorSink", "alignment_record", "build_index"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "vitdecomp.retrieval/1"
-#: Name of the group that is the model's own (full) representation.
-FULL = "full"
-#: Components never picked by score: the readout's constant bias (same vector for every item).
-UNSELECTABLE: tuple[str, ...] = ("bias",)
-Backend = Literal["faiss", "numpy"]
-_BACKENDS = ("faiss", "numpy")
 _STORE_KEYS = ("config_hash", "n_items", "labels_sha256", "chunks_done", "manifest_sha256")
-_CHUNK_ROWS = 1 << 16  # rows per block of the numpy brute force
-_INSTALL = "pip install 'vitdecomp[retrieval]'"
 
 
 class IndexMismatchError(InputError):
     """An index folder was built for another store (or another state of it); the message lists what differs."""
 
 
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as exc:
-        raise InputError(
-            f"retrieval with backend 'faiss' needs the faiss package: {_INSTALL} "
-            "(or use backend='numpy' / --backend numpy for an exact brute force without it)"
-        ) from exc
-    return faiss
-
-
-# ============================================================================ groups
-@dataclass(frozen=True)
-class ComponentGroup:
-    """A named set of store components whose summed contribution is one representation.
-
-    Attributes:
-        name: label for reports (``"colour#0"``, ``"full"``, ``"L03.H00+L02.H01"``).
-        components: component labels, or None for the full representation (the stored reference).
-        meta: how the group was chosen (feature, score kind, scores), JSON-able; not part of its identity.
-    """
-
-    name: str
-    components: tuple[str, ...] | None
-    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        if self.components is not None:
-            comps = tuple(str(c) for c in self.components)
-            if not comps:
-                raise InputError(f"group {self.name!r} has no components")
-            if len(set(comps)) != len(comps):
-                raise InputError(f"group {self.name!r} lists a component twice: {list(comps)}")
-            object.__setattr__(self, "components", comps)
-
-    @property
-    def is_full(self) -> bool:
-        return self.components is None
-
-    @property
-    def key(self) -> str:
-        """Identity of the member *set* (order and name do not matter): 16 hex digits."""
-        members = None if self.components is None else sorted(self.components)
-        return hashlib.sha256(json.dumps({"components": members}).encode()).hexdigest()[:16]
-
-    def to_json(self) -> dict[str, Any]:
-        from ..store.provenance import jsonable
-
-        return {"name": self.name, "components": None if self.components is None else list(self.components),
-                "key": self.key, "meta": jsonable(self.meta)}
-
-    @classmethod
-    def of(cls, components: Sequence[str], name: str | None = None, **meta: Any) -> ComponentGroup:
-        """A group of explicit components (named ``"A+B+C"`` by default)."""
-        comps = tuple(str(c) for c in components)
-        return cls(name or "+".join(comps), comps, dict(meta))
-
-
-def full_group() -> ComponentGroup:
-    """The full representation ``z(x)`` (the store's reference), the baseline of every comparison."""
-    return ComponentGroup(FULL, None, {"what": "the model's representation (stored reference)"})
-
-
-def _selectable(labels: Sequence[str], exclude: Iterable[str]) -> np.ndarray:
-    banned = set(exclude)
-    return np.array([str(lab) not in banned for lab in labels], dtype=bool)
-
-
-def top_components(
-    table: ScoreTable,
-    feature: str,
-    k: int,
-    *,
-    by: Literal["score", "selectivity"] = "score",
-    start: int = 0,
-    exclude: Iterable[str] = UNSELECTABLE,
-) -> list[int]:
-    """Rows of the components ranked ``start .. start+k-1`` on ``feature`` (best first).
-
-    Ranking: descending ``table[feature]`` (``by="score"``) or its selectivity
-    ``g_{i,p} = s_{i,p} − max_{p'≠p} s_{i,p'}`` (``by="selectivity"``, needs two features), ties
-    by row order, NaN last; components named in ``exclude`` (default the constant readout
-    ``bias``) are never returned.
-    """
-    if k < 1 or start < 0:
-        raise InputError(f"need k >= 1 and start >= 0, got k={k}, start={start}")
-    if by not in ("score", "selectivity"):
-        raise InputError(f"by must be 'score' or 'selectivity', got {by!r}")
-    source = table.selectivity() if by == "selectivity" else table
-    try:
-        scores = np.array(source[feature], dtype=np.float64)
-    except KeyError as exc:
-        raise InputError(f"no feature {feature!r} in the score table; have {list(table.features)}") from exc
-    allowed = _selectable(table.labels, exclude)
-    scores[~allowed] = -np.inf
-    order = [int(i) for i in np.argsort(-scores, kind="stable") if allowed[i]]
-    return order[start:start + k]
-
-
-def feature_groups(
-    table: ScoreTable,
-    feature: str,
-    *,
-    size: int = 3,
-    n_groups: int = 1,
-    by: Literal["score", "selectivity"] = "score",
-    exclude: Iterable[str] = UNSELECTABLE,
-) -> list[ComponentGroup]:
-    """Consecutive groups of ``size`` components in ``feature`` order (docs/method.md §6.2: threes).
-
-    Group ``j`` (named ``"{feature}#{j}"``) holds the components ranked ``j·size .. (j+1)·size−1``
-    by :func:`top_components`; use ``by="score"`` (``corr``) for text queries and
-    ``by="selectivity"`` for image queries (§6.3). Fewer groups come back when components run out.
-    """
-    if size < 1 or n_groups < 1:
-        raise InputError(f"need size >= 1 and n_groups >= 1, got {size}, {n_groups}")
-    values = (table.selectivity() if by == "selectivity" else table)[feature]
-    out = []
-    for j in range(n_groups):
-        rows = top_components(table, feature, size, by=by, start=j * size, exclude=exclude)
-        if not rows:
-            break
-        out.append(ComponentGroup(
-            f"{feature}#{j}", tuple(table.labels[i] for i in rows),
-            {"feature": feature, "by": by, "kind": table.kind, "rank": [j * size + 1, j * size + len(rows)],
-             "scores": {table.labels[i]: float(values[i]) for i in rows}}))
-    return out
-
-
-# ============================================================================ exact search
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm (along the last axis; zero rows stay zero), same dtype."""
-    x = np.asarray(x)
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-
-
-def _block_topk(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``s [q, c]`` the ``k`` largest (descending, ties by column): columns, values."""
-    q, c = s.shape
-    k = min(k, c)
-    if k == c:
-        cols = np.argsort(-s, axis=1, kind="stable")
-        return cols, np.take_along_axis(s, cols, axis=1)
-    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]  # k-th largest value per row
-    cols = np.empty((q, k), dtype=np.int64)
-    for r in range(q):
-        cand = np.flatnonzero(s[r] >= kth[r])  # ascending columns, every tie at the boundary included
-        cols[r] = cand[np.argsort(-s[r, cand], kind="stable")[:k]]
-    return cols, np.take_along_axis(s, cols, axis=1)
-
-
-def exact_search(
-    vectors: np.ndarray,
-    queries: np.ndarray,
-    k: int,
-    *,
-    exclude: Sequence[int] | np.ndarray | None = None,
-    block: int = _CHUNK_ROWS,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product top-``k``: for each query the rows of ``vectors`` with the largest ``⟨v, q⟩``.
-
-    Scores are computed in ``promote(vectors.dtype, float32)`` (float16 rows are decoded to
-    float32; float64 stays float64) over blocks of ``block`` rows. The order is exactly that of a
-    stable descending sort of the full score row: ties go to the smaller row.
-
-    Args:
-        vectors: ``[n, d]``.
-        queries: ``[q, d]`` (or ``[d]``).
-        k: neighbours per query (at most ``n``, or ``n − 1`` with ``exclude``).
-        exclude: per query one row never returned (e.g. the query item itself), or None.
-        block: rows per block (memory ``q × block`` scores).
-
-    Returns:
-        ``(rows [q, k'] int64, scores [q, k'])`` with ``k' = min(k, available rows)``.
-    """
-    v = np.asarray(vectors)
-    qs = np.asarray(queries)
-    qs = qs[None] if qs.ndim == 1 else qs
-    if v.ndim != 2 or qs.ndim != 2 or qs.shape[1] != v.shape[1]:
-        raise InputError(f"need vectors [n, d] and queries [q, d], got {v.shape} and {qs.shape}")
-    dtype = np.promote_types(v.dtype, np.float32)
-    qs = qs.astype(dtype, copy=False)
-    n = v.shape[0]
-    excl = None if exclude is None else np.asarray(exclude, dtype=np.int64).reshape(-1)
-    if excl is not None and excl.shape[0] != qs.shape[0]:
-        raise InputError(f"exclude needs one row per query ({qs.shape[0]}), got {excl.shape[0]}")
-    k = max(0, min(int(k), n - (0 if excl is None else 1)))
-    best_rows = np.zeros((qs.shape[0], 0), dtype=np.int64)
-    best = np.zeros((qs.shape[0], 0), dtype=dtype)
-    if k == 0:
-        return best_rows, best
-    for start in range(0, n, block):
-        part = v[start:start + block].astype(dtype, copy=False)
-        s = qs @ part.T  # [q, c]
-        if excl is not None:
-            hit = (excl >= start) & (excl < start + part.shape[0])
-            s[np.flatnonzero(hit), excl[hit] - start] = -np.inf
-        cols, vals = _block_topk(s, k)
-        rows = np.concatenate([best_rows, cols + start], axis=1)  # earlier blocks first: smaller rows win ties
-        vals = np.concatenate([best, vals], axis=1)
-        order = np.argsort(-vals, axis=1, kind="stable")[:, :k]
-        best_rows, best = np.take_along_axis(rows, order, axis=1), np.take_along_axis(vals, order, axis=1)
-    return best_rows, best
-
-
-def precision_at_k(rows: np.ndarray, labels: np.ndarray, query_labels: np.ndarray) -> float:
-    """Mean share of retrieved items whose label equals their query's: ``mean(labels[rows] == query_labels[:, None])``.
-
-    Args:
-        rows: ``[q, k]`` retrieved rows (indices into ``labels``).
-        labels: ``[n]`` ground truth of every item.
-        query_labels: ``[q]`` the label each query asks for.
-    """
-    rows = np.asarray(rows)
-    labels = np.asarray(labels)
-    query_labels = np.asarray(query_labels)
-    if rows.ndim != 2 or rows.shape[0] != query_labels.shape[0]:
-        raise InputError(f"rows must be [q, k] with q = {query_labels.shape[0]}, got {rows.shape}")
-    return float(np.mean(labels[rows] == query_labels[:, None]))
-
-
-# ============================================================================ results
-@dataclass(frozen=True)
-class Hits:
-    """Neighbours of one or more queries in one group, best first.
-
-    Attributes:
-        group: the group searched.
-        queries: one description per query (the text, or the query item's id).
-        rows: ``[q, k]`` int64 store rows.
-        ids: ``q`` lists of ``k`` item ids (paths relative to the dataset root for image folders).
-        scores: ``[q, k]`` float32 cosines (float16 storage: about 1e-3 absolute).
-        positions: ``[q, k]`` positions in the index.
-    """
-
-    group: ComponentGroup
-    queries: list[str]
-    rows: np.ndarray
-    ids: list[list[str]]
-    scores: np.ndarray
-    positions: np.ndarray
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "group": self.group.to_json(),
-            "queries": [
-                {"query": q, "hits": [{"rank": r + 1, "row": int(self.rows[i, r]), "id": self.ids[i][r],
-                                       "score": float(self.scores[i, r])} for r in range(self.rows.shape[1])]}
-                for i, q in enumerate(self.queries)
-            ],
-        }
-
-
-# ============================================================================ one group's index
-class GroupIndex:
-    """The float16 inner-product index of one group (open it through :class:`RetrievalIndex`).
-
-    Attributes:
-        group: the group; ``dim``: vector width; ``backend``: ``"faiss"`` or ``"numpy"``;
-        rows: ``[n]`` store row of every position; ``ids``: their ids.
-    """
-
-    def __init__(self, group: ComponentGroup, path: Path, backend: str, dim: int, rows: np.ndarray,
-                 ids: list[str]) -> None:
-        self.group = group
-        self.path = path
-        self.backend = backend
-        self.dim = dim
-        self.rows = rows
-        self.ids = ids
-        self._data: Any = None
-        self._by_id: dict[str, int] | None = None
-        self._by_row: dict[int, int] | None = None
-
-    def __len__(self) -> int:
-        return int(self.rows.shape[0])
-
-    def __repr__(self) -> str:
-        return f"GroupIndex({self.group.name!r}, n={len(self)}, d={self.dim}, backend={self.backend!r})"
-
-    def _load(self) -> Any:
-        if self._data is None:
-            if self.backend == "faiss":
-                self._data = _faiss().read_index(str(self.path))
-            else:  # decoded once: float32 in memory (n x d x 4 bytes) makes each query one matmul
-                self._data = np.load(self.path).astype(np.float32)
-            n = self._data.ntotal if self.backend == "faiss" else self._data.shape[0]
-            if n != len(self):
-                raise InputError(f"{self.path} holds {n} vectors, index.json {len(self)}; rebuild the index")
-        return self._data
-
-    def position(self, item: int | str) -> int:
-        """Index position of a store row (int) or an item id (str)."""
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            if self._by_row is None:
-                self._by_row = {int(r): p for p, r in enumerate(self.rows.tolist())}
-            pos = self._by_row.get(int(item))
-            if pos is None:
-                raise InputError(f"store row {int(item)} is not in the index (skipped image, or not written yet)")
-            return pos
-        if self._by_id is None:
-            self._by_id = {i: p for p, i in enumerate(self.ids)}
-        pos = self._by_id.get(str(item))
-        if pos is None:
-            near = [i for i in self.ids if str(item) in i][:3]
-            hint = f"; did you mean {near}?" if near else ""
-            raise InputError(f"no item with id {str(item)!r} in the index{hint}")
-        return pos
-
-    def vector(self, positions: int | Sequence[int] | np.ndarray) -> np.ndarray:
-        """Stored unit vectors (float16 decoded to float32): ``[len(positions), d]``."""
-        pos = np.atleast_1d(np.asarray(positions, dtype=np.int64))
-        data = self._load()
-        if self.backend == "faiss":
-            return np.stack([data.reconstruct(int(p)) for p in pos]).astype(np.float32)
-        return np.asarray(data[pos], dtype=np.float32)
-
-    def search_vectors(self, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None) -> tuple[
-            np.ndarray, np.ndarray]:
-        """Positions ``[q, k']`` and inner products ``[q, k']`` of the nearest stored vectors (float32 queries)."""
-        q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
-        if q.shape[1] != self.dim:
-            raise InputError(f"queries have dim {q.shape[1]}, the index of {self.group.name!r} {self.dim}")
-        data = self._load()
-        if self.backend == "numpy":
-            return exact_search(data, q, k, exclude=exclude)
-        n = len(self)
-        k = max(0, min(int(k), n - (0 if exclude is None else 1)))
-        if k == 0:
-            return np.zeros((q.shape[0], 0), np.int64), np.zeros((q.shape[0], 0), np.float32)
-        extra = 0 if exclude is None else 1
-        scores, pos = data.search(q, k + extra)
-        if exclude is None:
-            return pos.astype(np.int64), scores
-        out_p = np.empty((q.shape[0], k), np.int64)
-        out_s = np.empty((q.shape[0], k), np.float32)
-        for r in range(q.shape[0]):
-            keep = pos[r] != exclude[r]
-            out_p[r], out_s[r] = pos[r][keep][:k], scores[r][keep][:k]
-        return out_p, out_s
-
-
-def search(index: GroupIndex, vectors: np.ndarray | torch.Tensor, k: int = 10, *,
-           queries: Sequence[str] | None = None, exclude: Sequence[int] | None = None) -> Hits:
-    """The ``k`` nearest items of each query vector (normalised here) in one group's index.
-
-    Args:
-        index: a group's index (``RetrievalIndex[group]``).
-        vectors: ``[q, d]`` (or ``[d]``) query vectors in the store's space.
-        k: neighbours per query.
-        queries: descriptions recorded in the result (default ``"vector 0"``, ...).
-        exclude: per query one index *position* never returned.
-    """
-    v = _as_f32(vectors)
-    names = list(queries) if queries is not None else [f"vector {i}" for i in range(v.shape[0])]
-    if len(names) != v.shape[0]:
-        raise InputError(f"{len(names)} query names for {v.shape[0]} vectors")
-    excl = None if exclude is None else np.asarray(exclude, dtype=np.int64)
-    pos, scores = index.search_vectors(unit_rows(v), k, exclude=excl)
-    if (pos < 0).any():  # faiss pads with -1 when it finds fewer than k
-        raise InputError(f"the index of {index.group.name!r} returned fewer than {k} neighbours")
-    return Hits(index.group, names, index.rows[pos], [[index.ids[p] for p in row] for row in pos.tolist()],
-                scores.astype(np.float32), pos)
-
-
-def _as_f32(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().float().numpy()
-    a = np.asarray(x, dtype=np.float32)
-    a = a[None] if a.ndim == 1 else a
-    if a.ndim != 2:
-        raise InputError(f"query vectors must be [q, d] or [d], got shape {a.shape}")
-    if not np.all(np.isfinite(a)):
-        raise InputError("query vectors contain NaN or infinite values")
-    return a
-
-
-def by_text(index: GroupIndex, text_embeddings: np.ndarray | torch.Tensor, k: int = 10, *,
-            texts: Sequence[str] | None = None) -> Hits:
-    """Text → images (docs/method.md §6.2): rank items by ``cos(z_G(x), y_s)`` for each text embedding.
-
-    Args:
-        index: the group's index; the store must be in the text encoder's space (a CLIP store, or
-            an aligned one).
-        text_embeddings: ``[s, d]`` (or ``[d]``) text embeddings ``y_s`` (normalised here), e.g.
-            :func:`vitdecomp.interpret.text.embed_templates`.
-        k: images per text.
-        texts: the texts, recorded in the result.
-    """
-    v = _as_f32(text_embeddings)
-    if v.shape[1] != index.dim:
-        raise InputError(f"text embeddings have dim {v.shape[1]} but the store's representation {index.dim}: "
-                         "text retrieval needs a store in the text encoder's space (a CLIP model, or a store "
-                         "aligned with CompAlign)")
-    return search(index, v, k, queries=list(texts) if texts is not None else [f"text {i}" for i in range(len(v))])
-
-
-def by_image(index: GroupIndex, items: int | str | Sequence[int | str], k: int = 10) -> Hits:
-    """Image → images with respect to the group's feature (docs/method.md §6.3), the query item excluded.
-
-    Ranks items by ``cos(z_G(x'), z_G(x_ref))`` where ``z_G(x_ref)`` is the query's own stored
-    (float16) group vector.
-
-    Args:
-        index: the group's index.
-        items: a store row (int), an item id (str), or a list of them (one query each).
-        k: neighbours per query (the query itself never counts).
-    """
-    many = isinstance(items, (list, tuple, np.ndarray))
-    seq = list(items) if many else [items]  # type: ignore[list-item]
-    pos = np.array([index.position(it) for it in seq], dtype=np.int64)
-    return search(index, index.vector(pos), k, queries=[index.ids[p] for p in pos], exclude=pos)
-
-
-# ============================================================================ the folder
 def _store_identity(store: ComponentStore) -> dict[str, Any]:
-    from ..store.provenance import store_record
+    from ...store.provenance import store_record
 
     return store_record(store)
 
@@ -573,14 +76,14 @@ def alignment_record(align: CompAlign | str | Path) -> tuple[CompAlign, dict[str
     against), ``file`` and ``sha256`` (the file's, None for an object), ``d_clip``, ``d_model``,
     ``n_components`` and the model / CLIP the maps were fitted for (when recorded).
     """
-    from ..interpret.align import CompAlign
-    from ..core.model import file_sha256
+    from ...core.model import file_sha256
+    from ...interpret.align import CompAlign
 
     file: Path | None = None
     if isinstance(align, CompAlign):
         maps = align
     elif isinstance(align, (str, Path)):
-        from ..interpret.align import find_alignment
+        from ...interpret.align import find_alignment
 
         file = find_alignment(Path(align))
         maps = CompAlign.load(file)
@@ -745,7 +248,7 @@ def _group_rows(store: ComponentStore, groups: Sequence[ComponentGroup]) -> list
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    from ..store.dataset_run import progress_bar as bar
+    from ...store.dataset_run import progress_bar as bar
 
     return bar(total, enabled=enabled, desc="retrieval index")
 
@@ -789,10 +292,10 @@ def build_index(
         InputError: unknown components, an empty store, faiss missing for ``backend="faiss"``,
             or an alignment fitted for other components.
     """
-    if backend not in _BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; use one of {_BACKENDS}")
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     if backend == "faiss":
-        _faiss()
+        require_faiss()
     if not groups:
         raise InputError("no groups to index")
     maps: CompAlign | None = None
@@ -878,7 +381,7 @@ def build_index(
 
 
 def _versions() -> dict[str, str]:
-    from .. import __version__
+    from ... import __version__
 
     out = {"vitdecomp": __version__, "numpy": np.__version__}
     try:
@@ -890,14 +393,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class _Sink:
-    """Accumulates one group's float16 unit vectors (faiss index, or blocks of a numpy array)."""
+class VectorSink:
+    """Accumulates one group's unit vectors ``[n, d]`` as float16: a faiss
+    ``IndexScalarQuantizer(QT_fp16, METRIC_INNER_PRODUCT)`` (``backend="faiss"``) or blocks of a numpy
+    array (``"numpy"``); :meth:`add` appends rows ``[b, d]``, :meth:`save` writes the file atomically."""
 
     def __init__(self, backend: str, dim: int) -> None:
         self.backend = backend
         self.dim = dim
         if backend == "faiss":
-            faiss = _faiss()
+            faiss = require_faiss()
             self.index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
             self.kind = "IndexScalarQuantizer(QT_fp16, METRIC_INNER_PRODUCT)"
         else:
@@ -912,7 +417,7 @@ class _Sink:
 
     def save(self, path: Path) -> None:
         if self.backend == "faiss":
-            faiss = _faiss()
+            faiss = require_faiss()
             _atomic_write(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
         else:
             data = np.concatenate(self.blocks) if self.blocks else np.zeros((0, self.dim), np.float16)
@@ -921,7 +426,7 @@ class _Sink:
 
 def _stream_groups(store: ComponentStore, groups: Sequence[ComponentGroup], members: Sequence[np.ndarray | None],
                    backend: str, batch_size: int | None, progress: bool,
-                   align: CompAlign | None = None) -> tuple[np.ndarray, list[str], list[_Sink]]:
+                   align: CompAlign | None = None) -> tuple[np.ndarray, list[str], list[VectorSink]]:
     """One pass: per batch, each group's unit vectors into its sink; returns (rows, ids, sinks).
 
     With ``align``, every component is first mapped (``F_i c_i``, :meth:`CompAlign.apply`) and
@@ -930,7 +435,7 @@ def _stream_groups(store: ComponentStore, groups: Sequence[ComponentGroup], memb
     import torch
 
     dim = int(store.comp_shape[-1]) if align is None else align.d_clip
-    sinks = [_Sink(backend, dim) for _ in groups]
+    sinks = [VectorSink(backend, dim) for _ in groups]
     rows: list[np.ndarray] = []
     ids: list[str] = []
     n_valid = sum(len(store.chunk_rows(c)) for c in store.done_chunks())

@@ -17,7 +17,7 @@ logit of the model's head; see :class:`~vitdecomp.apps.segmentation.relevance.Lo
   ``decomposition_start``: ``m_p = < sum_{l,h} c_{l,h,p}, y_t - (1/C) sum_c y_c >`` with ``y_c``
   the head's class directions (unit text embeddings for CLIP, classifier rows otherwise);
 * ``raw_attention``: last block, mean over heads, CLS row (:mod:`vitdecomp.apps.segmentation.attention`);
-* ``rollout``: attention rollout from block ``rollout_start`` (Chefer et al. use 1);
+* ``rollout``: attention rollout from block ``rollout_start`` (default 1, as Chefer et al.);
 * ``gradcam``: attention GradCAM of the last block (:mod:`vitdecomp.apps.segmentation.relevance`);
 * ``chefer``: Chefer et al.'s gradient-weighted rollout from block ``chefer_start``.
 
@@ -91,6 +91,11 @@ __all__ = [
     "method_availability",
     "run_segmentation",
     "format_table",
+    "SegmentationRun",
+    "open_segmentation_source",
+    "default_class_pool",
+    "segmentation_head",
+    "segmentation_benchmark",
 ]
 
 log = logging.getLogger(__name__)
@@ -453,7 +458,7 @@ def run_segmentation(
     batch_size: int = 8,
     limit: int | None = None,
     target: Target = "pred",
-    rollout_start: int = 0,
+    rollout_start: int = 1,
     chefer_start: int = 0,
     decomposition_start: int | None = None,
     n_examples: int = 0,
@@ -634,3 +639,224 @@ def format_table(result: SegmentationResult) -> str:
     footer = [f"{result.n_images} images scored, {len(result.skipped)} skipped"]
     footer += [f"n/a {name}: {why}" for name, why in result.unavailable.items()]
     return "\n".join([*lines, *footer])
+
+
+# ============================================================================ the whole benchmark
+@dataclass
+class SegmentationRun:
+    """What :func:`segmentation_benchmark` did: the result and what it was made from.
+
+    Attributes:
+        result: the :class:`SegmentationResult`.
+        source: the image/mask source read; model: the model.
+        head_kind: ``"text"`` (CLIP class texts) or ``"classifier"`` (the model's own head).
+        names: the class names (None: a classifier without names).
+        templates: the template set of the class texts (None for a classifier head).
+        pool: the class-name pool read (``classes``), or None.
+        classes_file: ``classes`` when it was a text file, else None.
+        task_file: a generated dataset's own class texts (``task.json``, or its ``summary.json``) when
+            they were the classes, else None; class_texts: those texts per class.
+    """
+
+    result: SegmentationResult
+    source: Any
+    model: Model
+    head_kind: str
+    names: list[str] | None
+    templates: str | None
+    pool: Any = None
+    classes_file: Path | None = None
+    task_file: Path | None = None
+    class_texts: list[list[str]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """``results.json`` of ``vitdecomp segment`` without its run record (and the figure list)."""
+        return self.result.to_json()
+
+    def inputs(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        """``(files, facts)`` for a run record: the input files by role (``mat``, ``classes``, ``task``)
+        and the dataset fingerprint, model description, head, templates and class texts."""
+        files: dict[str, Path] = {}
+        if self.source.name == "imagenet-seg":  # the .mat file
+            files["mat"] = Path(self.source.root)
+        if self.classes_file is not None:
+            files["classes"] = self.classes_file
+        facts: dict[str, Any] = {"dataset": self.source.fingerprint(), "model": self.model.describe(),
+                                 "head": self.head_kind, "templates": self.templates}
+        if self.task_file is not None:
+            files["task"] = self.task_file
+            facts["classes"] = {"source": str(self.task_file), "names": self.names, "texts": self.class_texts}
+        return files, facts
+
+
+def open_segmentation_source(path: str | Path, *, split: str | None = None,
+                             kind: Literal["mat", "pairs"] | None = None) -> SegmentationSource:
+    """ImageNet-Segmentation's ``gtsegs_ijcv.mat`` (``kind="mat"``; by default a ``.mat`` file) or a
+    :class:`SegmentationPairs` folder (``"pairs"``: ``images/`` + ``masks/``, or a dataset written by
+    ``vitdecomp synth generate``, one ``split`` of it)."""
+    if kind not in (None, "mat", "pairs"):
+        raise InputError(f"kind must be 'mat' or 'pairs', got {kind!r}")
+    if kind == "mat" or (kind is None and Path(path).suffix.lower() == ".mat"):
+        if split is not None:
+            raise InputError("--split applies to --pairs on a dataset written by `vitdecomp synth generate`")
+        from ...data.datasets import ImageNetSegmentation
+
+        return ImageNetSegmentation(path)
+    return SegmentationPairs(path, split=split)
+
+
+def default_class_pool() -> str | None:
+    """The first shipped pool with ImageNet in its name (the class names of a CLIP on ImageNet data), or None."""
+    from ...interpret.text.pools import POOLS
+
+    for name in POOLS:
+        if "imagenet" in name.lower():
+            return name
+    return None
+
+
+def segmentation_head(
+    model: Model,
+    source: SegmentationSource | None = None,
+    *,
+    classes: str | Path | None = None,
+    templates: str | None = None,
+    head: Literal["auto", "classifier", "text"] = "auto",
+) -> tuple[LogitHead, dict[str, Any]]:
+    """The target logits of the segmentation maps, and what they were made from.
+
+    * ``head="text"`` (or ``"auto"`` for a model without a classifier): a CLIP zero-shot head. Its
+      classes are ``classes`` (a shipped pool name or a text file, one name per line), else a
+      generated dataset's own classes (per class the renormalised mean of its template-ensembled
+      ``class_texts``, so the head's class index is the dataset's label), else a shipped ImageNet pool;
+      ``templates`` default ``photo`` (a generated dataset's own: its template set).
+    * ``head="classifier"`` (or ``"auto"`` with one): the model's linear classifier, its classes named
+      by ``classes`` when given (as many as it has).
+
+    Returns:
+        ``(head, info)`` with ``info``: ``kind`` (``"text"``/``"classifier"``), ``names``, ``templates``,
+        ``pool`` (the TextPool read, or None), ``classes`` (the argument), ``world`` (the generated
+        dataset's task, when its classes were used).
+
+    Raises:
+        InputError: no classes for a CLIP, no classifier for ``head="classifier"``, a name count that
+            differs from the classifier's.
+    """
+    import torch
+
+    from ...interpret.text import text_encoder, zero_shot_head
+    from ...interpret.text.pools import load_pool
+    from .relevance import classifier_head, text_head
+
+    if head not in ("auto", "classifier", "text"):
+        raise InputError(f"head must be 'auto', 'classifier' or 'text', got {head!r}")
+    has_classifier = model.classifier() is not None
+    use_text = head == "text" or (head == "auto" and not has_classifier)
+    world = getattr(source, "task", None) if classes is None else None  # a generated dataset's own classes
+    used_templates = templates or (world["templates"] if use_text and world is not None else "photo")
+    if use_text and classes is None and world is None:
+        classes = default_class_pool()
+        if classes is None:
+            raise InputError(
+                f"{model.name} has no classifier head, so its targets are class texts: pass --classes "
+                "(a shipped pool name or a text file with one class name per line)"
+            )
+    pool = load_pool(classes) if classes is not None else None
+    names = list(pool.texts) if pool is not None else None
+    if use_text and world is not None:
+        encoder = text_encoder(model)
+        rows = []
+        for texts in world["class_texts"]:
+            mean = zero_shot_head(encoder, list(texts), used_templates).mean(dim=0)
+            rows.append(mean / mean.norm().clamp_min(1e-12))
+        names = ["/".join(texts) for texts in world["class_texts"]]
+        logits = text_head(model, torch.stack(rows), names=names)
+    elif use_text:
+        assert names is not None
+        logits = text_head(model, zero_shot_head(text_encoder(model), names, used_templates), names=names)
+    else:
+        if not has_classifier:
+            raise InputError(f"--head classifier: {model.name} has no linear classifier head")
+        logits = classifier_head(model)
+        if names is not None and len(names) != logits.n_classes:
+            raise InputError(f"--classes has {len(names)} names but the classifier has {logits.n_classes} classes")
+        if names is not None:
+            logits = classifier_head(model, names)
+    info = {"kind": "text" if use_text else "classifier", "names": names,
+            "templates": used_templates if use_text else None, "pool": pool, "classes": classes,
+            "world": world if use_text else None}
+    return logits, info
+
+
+def segmentation_benchmark(
+    model: Model | str,
+    source: SegmentationSource | str | Path,
+    *,
+    source_kind: Literal["mat", "pairs"] | None = None,
+    split: str | None = None,
+    classes: str | Path | None = None,
+    templates: str | None = None,
+    head: Literal["auto", "classifier", "text"] = "auto",
+    methods: Sequence[str] = METHODS,
+    target: Target = "pred",
+    limit: int | None = None,
+    batch_size: int = 8,
+    rollout_start: int = 1,
+    chefer_start: int = 0,
+    decomposition_start: int | None = None,
+    n_examples: int = 0,
+    progress: bool = False,
+    pretrained: bool = True,
+    checkpoint: str | Path | None = None,
+    device: str | None = None,
+) -> SegmentationRun:
+    """``vitdecomp segment`` in one call: zero-shot segmentation of image/mask pairs (docs/method.md §6.5).
+
+    Builds the target head (:func:`segmentation_head`) and scores every method's map with
+    :func:`run_segmentation` (Chefer et al.'s protocol: pixel accuracy, two-class mIoU, two-channel mAP,
+    foreground IoU and AP); the decomposition map is ``m_p = <Σ_{l,h} c_{l,h,p}, y_t − (1/C) Σ_c y_c>``.
+
+    Args:
+        model: a Model, or a spec loaded with ``pretrained`` / ``checkpoint`` / ``device`` once the
+            settings are checked.
+        source: image/mask pairs: a source object, or a path (``.mat``: ImageNet-Segmentation, else a
+            :class:`SegmentationPairs` folder; ``source_kind`` says which; ``split``: one split of a
+            generated dataset), see :func:`open_segmentation_source`.
+        classes, templates, head: the target head (see :func:`segmentation_head`).
+        methods, target, limit, batch_size, rollout_start, chefer_start, decomposition_start,
+            n_examples, progress: as :func:`run_segmentation`.
+
+    Returns:
+        A :class:`SegmentationRun`; ``to_json()`` is ``results.json`` without its run record.
+    """
+    from ...core.model import Model as _Model
+
+    if batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    if limit is not None and limit < 1:
+        raise InputError("--limit must be at least 1")
+    if n_examples < 0:
+        raise InputError("--examples must be >= 0")
+    if isinstance(source, (str, Path)):
+        source = open_segmentation_source(source, split=split, kind=source_kind)
+    elif split is not None:
+        raise InputError("split applies to a path of a dataset written by `vitdecomp synth generate`")
+    if not isinstance(model, _Model):
+        from ...core.loading import load
+
+        model = load(model, pretrained=pretrained, checkpoint=checkpoint, device=device)
+    logits, info = segmentation_head(model, source, classes=classes, templates=templates, head=head)
+    result = run_segmentation(
+        model, source, logits, methods=methods, batch_size=batch_size, limit=limit, target=target,
+        rollout_start=rollout_start, chefer_start=chefer_start, decomposition_start=decomposition_start,
+        n_examples=n_examples, progress=progress,
+    )
+    classes_file = Path(info["classes"]) if info["classes"] is not None and Path(info["classes"]).is_file() else None
+    task_file = None
+    if info["world"] is not None:  # the generated dataset's own class texts (task.json, or its summary)
+        task_file = next(f for f in (Path(source.root) / "task.json", Path(source.root) / "summary.json")
+                         if f.is_file())
+    return SegmentationRun(result=result, source=source, model=model, head_kind=info["kind"], names=info["names"],
+                           templates=info["templates"], pool=info["pool"], classes_file=classes_file,
+                           task_file=task_file,
+                           class_texts=None if info["world"] is None else info["world"]["class_texts"])
