@@ -122,7 +122,9 @@ def test_cli_demo_prints_a_summary_and_writes_the_report(weights, tmp_path, caps
     assert code == 0
     # without -v, one line per stage with its time on stderr
     stages = STAGE_LINE.findall(captured.err)
-    assert [(int(i), int(n)) for i, n, _ in stages] == [(i, 10) for i in range(1, 11)]
+    assert [(int(i), int(n)) for i, n, _ in stages] == [(i, 11) for i in range(1, 12)]
+    factor_lines = [line.split() for line in printed.splitlines() if line.startswith("  ") and "zero-shot" in line]
+    assert len(factor_lines) == 6 and all("significant" in words[1:4] for words in factor_lines)  # every verdict shown
     assert "TextSpan labels" in captured.err
     report_line = [line for line in printed.splitlines() if line.startswith("report:")]
     assert report_line and report_line[0].split("report:", 1)[1].strip() == str(out / "report.html")

@@ -52,9 +52,10 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     out.write(f"vitdecomp demo: {results['model']}, {results['n_images']} images, {results['n_components']} components, "
               f"sum error {results['decomposition_relative_error']:.1e}, {results['seconds']} s\n")
+    verdicts = {f: v["verdict"] for f, v in results.get("significance", {}).get("features", {}).items()}
     for factor, a in results.get("factor_agreement", {}).items():
         r = results["retrieval"][factor]
-        out.write(f"  {factor:<10} zero-shot {a['full']:.2f} | top-3 components {a['top_k']:.2f} "
+        out.write(f"  {factor:<10} {verdicts.get(factor, ''):<15} | zero-shot {a['full']:.2f} | top-3 components {a['top_k']:.2f} "
                   f"(random {a['random_k']['mean']:.2f}) | p@10 top-3 {r['top_k']:.2f} vs full {r['full']:.2f}  "
                   f"[{', '.join(a['components'])}]\n")
     if "segmentation" in results:

@@ -64,6 +64,7 @@ class DemoConfig:
     textspan_texts: int = 3
     top_k: int = 3
     n_random: int = 10  # draws of k random components, the baseline of agreement, retrieval and the spurious cue
+    n_null: int = 200  # random caption bases per factor: the null of every component score
     align_epochs: int = 30  # CompAlign (the Swin section): most epochs (early stopping on val)
     torch_threads: int | None = 1  # synthetic world: tiny models run faster on one thread (None: torch's own)
     quick_mode: bool = False  # made by DemoConfig.quick(): the report says so
@@ -77,7 +78,7 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         """Small settings for tests and a first look: a fifth of the scenes (sections and baselines all kept)."""
-        return cls(n_images=120, n_segment=20, n_spurious=64, n_heatmaps=2, quick_mode=True)
+        return cls(n_images=120, n_segment=20, n_spurious=64, n_heatmaps=2, n_null=100, quick_mode=True)
 
     @classmethod
     def for_run(cls, *, quick: bool = False, model: str | None = None, n_images: int | None = None,
@@ -159,7 +160,7 @@ def run_demo(out_dir: str | Path, *, model: str | None = None, images: str | Pat
     cfg = config or DemoConfig()
     start = time.perf_counter()
     if model is None and images is None:
-        stages = _Stages(10)
+        stages = _Stages(11)
         with _torch_threads(cfg.torch_threads):
             report, results = _synthetic(cfg, stages)
     else:
@@ -202,7 +203,7 @@ def _json_default(obj: Any) -> Any:
 
 # ----------------------------------------------------------------------------- synthetic world
 def _synthetic(cfg: DemoConfig, stages: _Stages | None = None) -> tuple[Report, dict[str, Any]]:
-    stage = stages or _Stages(10)
+    stage = stages or _Stages(11)
     with stage("load the tiny CLIP"):
         from .. import __version__
         from ..report import Report
@@ -238,6 +239,14 @@ def _synthetic(cfg: DemoConfig, stages: _Stages | None = None) -> tuple[Report, 
         truth = {f: factor_values(sample.scenes, f) for f in texts}
         table = component_scores(stack, texts)
         values = stack.values.double().numpy()
+    with stage("score nulls (random caption bases)"):
+        from ..interpret.score import ScoreMoments, score_nulls
+        from .generator import caption_pool
+
+        null_pool = caption_pool()
+        nulls = score_nulls(ScoreMoments.from_stack(stack), texts,
+                            encoder.encode(null_pool.texts).double().numpy(), n_null=cfg.n_null, seed=bench.seed,
+                            labels=stack.names, meta={"null_pool": null_pool.manifest()})
     results: dict[str, Any] = {
         "version": __version__, "model": clip.name, "tiny": clip.extras.get("tiny", {}).get("zero_shot_accuracy"),
         "n_images": bench.n_images, "k": bench.top_k, "n_components": len(stack.labels), "components": [str(x) for x in stack.labels],
@@ -247,6 +256,7 @@ def _synthetic(cfg: DemoConfig, stages: _Stages | None = None) -> tuple[Report, 
     with stage("TextSpan labels"):
         results["textspan"] = _textspan(stack, encoder, cfg.textspan_texts)
         results["scores"] = table.to_json()
+        results["significance"] = nulls.to_json()
     with stage("factor agreement and retrieval"):
         results["factor_agreement"] = factor_agreement(values, table, texts, truth, k=bench.top_k,
                                                        n_random=bench.n_random, seed=bench.seed)
@@ -277,7 +287,7 @@ def _synthetic(cfg: DemoConfig, stages: _Stages | None = None) -> tuple[Report, 
             _section_model(clip, results, sample),
             _section_zero_shot(results),
             _section_textspan(results),
-            _section_components(table, results),
+            _section_components(table, results, nulls),
             _section_agreement(results),
             _section_retrieval(results, sample, values, table, cfg.top_k),
             _section_heatmaps(clip, seg_sample, texts, results, cfg.n_heatmaps),
@@ -346,21 +356,33 @@ def _section_textspan(results: dict[str, Any]) -> Section:
     ], [Table(["head", "texts (in order)", "factors", "variance explained (fraction)"], rows)])
 
 
-def _section_components(table: Any, results: dict[str, Any]) -> Section:
+def _section_components(table: Any, results: dict[str, Any], nulls: Any) -> Section:
     from ..report import Figure, Section, Table
     from ..report.figures import score_heatmap
 
     rows = []
-    for f in table.features:
+    for j, f in enumerate(table.features):
         top = table.top(f, 3)
-        rows.append([f, ", ".join(f"{name} ({value:.2f})" for name, value in top)])
+        cells = []
+        for name, value in top:
+            i = table.labels.index(name)
+            cells.append(f"{name} ({value:.2f}{'' if nulls.significant[i, j] else ', not significant'})")
+        null_best = nulls.feature_null_max[j]
+        rows.append([f, nulls.verdict(f), float(nulls.feature_max[j]),
+                     f"{null_best.mean():.3f} ± {null_best.std():.3f}", float(nulls.feature_p[j]), ", ".join(cells)])
     svg = score_heatmap(table, title=f"Correlation score of every component with every factor "
                                      f"({results['n_images']} scenes)")
     return Section("components", "Components per factor", [
         "Correlation score of each component with each factor (docs/method.md §4): the mean Pearson correlation, "
         "over an orthonormal basis of the factor's text embeddings, between the component's projection "
         "and the representation's.",
-    ], [Table(["factor", "top components (score)"], rows),
+        f"Each factor is tested against {nulls.n_null} random bases of the same rank drawn from random captions "
+        "of the world (the null): the factor is significant when its best component scores above what the best "
+        "component scores for random caption texts (permutation p-value of the maximum over components, "
+        "Benjamini-Hochberg over factors); each component's flag uses its own null (Gaussian tail of z, "
+        "Benjamini-Hochberg over components x factors). Only components that compute something from the input "
+        "are ranked (no embed or bias rows).",
+    ], [Table(["factor", "verdict", "best score", "random best (mean ± sd)", "p", "top components (score)"], rows),
         Figure.from_svg(svg, caption="Scores, components x factors: red positive, blue negative, white 0 (a constant "
                                      "component, such as the final bias, scores 0).",
                         alt="heat map of correlation scores, components by factors")])
