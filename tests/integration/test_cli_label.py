@@ -63,3 +63,24 @@ def test_label_dedupe_last_layers_and_mismatched_model(store, capsys):
     assert len(texts) == 4 and len(set(texts)) == 4
     code = main(["label", str(path), "--model", "timm:vit_tiny_patch16_224", "--pool", "feature/colour"])
     assert code != 0
+
+
+def test_label_reports_the_random_pool_control(store, tmp_path):
+    import numpy as np
+
+    from vitdecomp.interpret.textspan import label_store
+    from vitdecomp.interpret.text.pools import load_pool
+
+    spec, path = store
+    result = label_store(path, "feature/colour", m=2, layers=1)
+    payload = result.to_json()
+    control = payload["random_pool_control"]["heads"]
+    assert set(control) == {h["label"] for h in payload["heads"]}
+    pool = load_pool("feature/colour")
+    for curve in control.values():
+        assert len(curve) == 2 and 0.0 <= curve[0] <= curve[1] <= 1.0 + 1e-9  # cumulative, a fraction
+    again = label_store(path, "feature/colour", m=2, layers=1)  # seeded: the same control
+    assert again.to_json()["random_pool_control"]["heads"] == control
+    assert str(len(pool.texts)) in payload["random_pool_control"]["what"]
+    assert "random" in result.format().splitlines()[0]
+    assert np.isfinite([v for c in control.values() for v in c]).all()

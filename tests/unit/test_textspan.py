@@ -205,5 +205,7 @@ def test_to_json_and_table() -> None:
     assert len(lines) == 2 + 3 + 1
     assert lines[2].startswith("L11.H03") and "(no text chosen)" in lines[-1]
     assert len({len(line) for line in lines}) == 1  # fixed width
-    pct = float(lines[2].split()[-2])
-    assert pct == pytest.approx(100 * res.variance_explained[0], abs=0.01)
+    frac = float(lines[2].split()[-2])  # fractions, as every report
+    assert frac == pytest.approx(res.variance_explained[0], abs=0.001)
+    with_control = format_table([res], top=3, control={"L11.H03": [0.01, 0.02, 0.03]}).splitlines()
+    assert with_control[0].split()[-1] == "random" and float(with_control[3].split()[-1]) == 0.02

@@ -76,6 +76,8 @@ class LabelResult:
         heads: one :class:`SpanResult` per labelled head.
         evaluation: the evaluation pass's result, when asked for.
         files: input files by role (``align``, ``classes``).
+        control: head -> cumulative variance explained per step by the same TextSpan over a pool of
+            as many random unit vectors (the published control), when computed.
     """
 
     store: ComponentStore
@@ -89,6 +91,7 @@ class LabelResult:
     alignment: CompAlign | None = None
     evaluation: dict[str, Any] | None = None
     files: dict[str, Any] = field(default_factory=dict)
+    control: dict[str, list[float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON ``vitdecomp label`` writes, without the run record (the CLI puts ``"run"`` after ``"heads"``)."""
@@ -98,13 +101,18 @@ class LabelResult:
             "m": self.m, "rank": self.rank, "dedupe": self.dedupe, "n_items": self.store.n_items,
             "heads": [r.to_json() for r in self.heads],
         }
+        if self.control is not None:
+            payload["random_pool_control"] = {
+                "what": f"cumulative variance explained per step by TextSpan over {len(self.pool.texts)} random unit "
+                        "vectors (same size as the pool, same space): the chance level of each head's curve",
+                "heads": self.control}
         if self.evaluation is not None:
             payload["evaluation"] = self.evaluation
         return payload
 
     def format(self) -> str:
         """The table ``vitdecomp label`` prints (and the evaluation summary)."""
-        text = format_table(self.heads, top=self.m)
+        text = format_table(self.heads, top=self.m, control=self.control)
         if self.evaluation is not None:
             text += "\n\n" + format_evaluation(self.evaluation)
         return text
@@ -178,6 +186,8 @@ def label_store(
     model: Model | ModelChoice | None = None,
     evaluate: LabelEvaluation | None = None,
     progress: bool = False,
+    control: bool = True,
+    seed: int = 0,
 ) -> LabelResult:
     """Label every attention head of a finished store with the texts of a pool (TextSpan).
 
@@ -238,6 +248,14 @@ def label_store(
                              dedupe=dedupe)
     result = LabelResult(store=store, model=model.name, weights=model.weights, pool=texts, m=m_span, rank=rank,
                          dedupe=dedupe, heads=results, alignment=maps)
+    if control:
+        # the published control: the same greedy selection over a pool of as many random unit vectors
+        rng = np.random.default_rng(seed)
+        random_pool = rng.standard_normal(embeddings.shape)
+        random_pool /= np.linalg.norm(random_pool, axis=1, keepdims=True)
+        names = [f"random {j}" for j in range(random_pool.shape[0])]
+        ctrl = textspan_heads(moments, span_labels, names, random_pool, components=order, m=m_span, rank=rank)
+        result.control = {r.label: list(r.cumulative_variance_explained) for r in ctrl}
     if maps is not None and "file" in maps.meta:
         result.files["align"] = maps.meta["file"]
     if evaluate is not None:

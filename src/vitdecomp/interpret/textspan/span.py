@@ -11,7 +11,7 @@ moments, :func:`textspan_direct` on the data matrix (the reference implementatio
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -419,16 +419,21 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def format_table(results: Sequence[SpanResult], top: int = 5, *, text_width: int = 48) -> str:
-    """Fixed-width table: component, step, text, variance explained % and cumulative %.
+def format_table(results: Sequence[SpanResult], top: int = 5, *, text_width: int = 48,
+                 control: Mapping[str, Sequence[float]] | None = None) -> str:
+    """Fixed-width table: component, step, text, variance explained and cumulative (fractions).
 
     Args:
         results: TextSpan results (e.g. from :func:`textspan_heads`).
         top: texts shown per component.
         text_width: texts longer than this are cut (``…``).
+        control: label -> cumulative variance explained per step by a random-vector pool of the
+            same size (the chance level); shown as a last column when given.
     """
     comp_w = max([len("component")] + [len(r.label) for r in results])
-    head = f"{'component':<{comp_w}}  {'#':>2}  {'text':<{text_width}}  {'var %':>6}  {'cum %':>6}"
+    head = f"{'component':<{comp_w}}  {'#':>2}  {'text':<{text_width}}  {'var':>6}  {'cum':>6}"
+    if control is not None:
+        head += f"  {'random':>6}"
     lines = [head, "-" * len(head)]
     for res in results:
         cum = 0.0
@@ -438,6 +443,9 @@ def format_table(results: Sequence[SpanResult], top: int = 5, *, text_width: int
         for step, (text, frac) in enumerate(shown, start=1):
             cum += frac
             name = res.label if step == 1 else ""
-            lines.append(f"{name:<{comp_w}}  {step:>2}  {_clip(text, text_width):<{text_width}}  "
-                         f"{100 * frac:>6.2f}  {100 * cum:>6.2f}")
+            row = f"{name:<{comp_w}}  {step:>2}  {_clip(text, text_width):<{text_width}}  {frac:>6.3f}  {cum:>6.3f}"
+            if control is not None:
+                ctrl = control.get(res.label, [])
+                row += f"  {ctrl[step - 1]:>6.3f}" if step - 1 < len(ctrl) else f"  {'':>6}"
+            lines.append(row)
     return "\n".join(lines)
