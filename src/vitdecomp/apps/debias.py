@@ -650,7 +650,7 @@ def check_stores(stores: Mapping[str, ComponentStore], labels: WaterbirdsLabels 
 # ============================================================================ the protocol
 def debias(stores: Mapping[str, ComponentStore], labels: WaterbirdsLabels, head: ClassifierHead, *,
            spurious: np.ndarray, core: np.ndarray, k: int = 10, random_draws: int = 5, seed: int = 0,
-           align: CompAlign | None = None, check: bool = True) -> DebiasResult:
+           align: CompAlign | None = None, check: bool = True, kinds: Any = "input") -> DebiasResult:
     """Select on val, mean-ablate with val means, evaluate on test (docs/method.md §6.6; see module docs).
 
     Args:
@@ -673,14 +673,15 @@ def debias(stores: Mapping[str, ComponentStore], labels: WaterbirdsLabels, head:
         check_stores(stores, labels)
     val_store, test_store = stores["val"], stores["test"]
     names = list(val_store.labels)
-    allowed = candidate_mask(names)
+    allowed = candidate_mask(names, kinds)
     if k > int(allowed.sum()):
         raise InputError(f"k = {k} but the stores have only {int(allowed.sum())} candidate components")
     contrast, parts = contrastive_scores(val_store, labels, spurious, core, split="val", align=align)
     head_align = align if head.space == "aligned" else None
     val = project_split(val_store, labels, "val", head, align=head_align)
     test = project_split(test_store, labels, "test", head, align=head_align)
-    return _protocol(names, contrast, parts, val, test, head, k=k, random_draws=random_draws, seed=seed)
+    return _protocol(names, contrast, parts, val, test, head, k=k, random_draws=random_draws, seed=seed,
+                     kinds=kinds)
 
 
 def _check_settings(k: int, random_draws: int) -> None:
@@ -691,9 +692,10 @@ def _check_settings(k: int, random_draws: int) -> None:
 
 
 def _protocol(names: Sequence[str], contrast: np.ndarray, parts: Mapping[str, Any], val: SplitLogits,
-              test: SplitLogits, head: ClassifierHead, *, k: int, random_draws: int, seed: int) -> DebiasResult:
+              test: SplitLogits, head: ClassifierHead, *, k: int, random_draws: int, seed: int,
+              kinds: Any = "input") -> DebiasResult:
     """Select the top-``k`` contrastive candidates, mean-ablate with val means, evaluate on test (+ controls)."""
-    allowed = candidate_mask(names)
+    allowed = candidate_mask(names, kinds)
     if k > int(allowed.sum()):
         raise InputError(f"k = {k} but there are only {int(allowed.sum())} candidate components")
     chosen = top_k(contrast, allowed, k)
@@ -786,7 +788,7 @@ def contrastive_scores_stack(stack: Any, spurious: np.ndarray, core: np.ndarray,
 
 def debias_stacks(val: StackSplit, test: StackSplit, head: ClassifierHead, *, spurious: np.ndarray,
                   core: np.ndarray, k: int = 10, random_draws: int = 5, seed: int = 0,
-                  align: CompAlign | None = None) -> DebiasResult:
+                  align: CompAlign | None = None, kinds: Any = "input") -> DebiasResult:
     """:func:`debias` on in-memory splits (same protocol and result): select on ``val``, mean-ablate
     with ``val`` means, evaluate on ``test``; controls as in :func:`debias`.
 
@@ -801,7 +803,7 @@ def debias_stacks(val: StackSplit, test: StackSplit, head: ClassifierHead, *, sp
     head_align = align if head.space == "aligned" else None
     return _protocol(names, contrast, parts, project_stack(val, head, name="val", align=head_align),
                      project_stack(test, head, name="test", align=head_align), head, k=k, random_draws=random_draws,
-                     seed=seed)
+                     seed=seed, kinds=kinds)
 
 
 # ============================================================================ the whole run
@@ -874,6 +876,7 @@ def run_debias(
     store_dtype: Literal["float16", "float32"] = "float16",
     num_workers: int = 0,
     progress: bool = False,
+    kinds: Any = "input",
 ) -> DebiasRun:
     """Remove a spurious cue by mean-ablating the components that carry it: ``vitdecomp debias`` in one call.
 
@@ -1009,7 +1012,7 @@ def run_debias(
         classifier = ClassifierHead(w.detach().double().numpy(),
                                     b.detach().double().numpy() if b is not None else [0.0, 0.0], "model")
     result = debias(opened, labels, classifier, spurious=spurious_emb, core=core_emb, k=k,
-                    random_draws=random_draws, seed=seed, align=maps, check=False)
+                    random_draws=random_draws, seed=seed, align=maps, check=False, kinds=kinds)
     return DebiasRun(result=result, texts=texts, from_arguments=[n for n, v in given.items() if v is not None],
                      head=classifier, model=model.name, weights=model.weights, stores=opened, root=Path(root),
                      align_file=align_file)

@@ -169,6 +169,7 @@ def heatmaps_for_images(
     checkpoint: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
+    kinds: Any = "input",
 ) -> HeatmapRun:
     """Token maps ``h_t = <y, Σ_{i∈I} c_{i,t}>`` of image files, with their sum check (docs/method.md §6.4).
 
@@ -280,6 +281,7 @@ def heatmaps_for_images(
                 f"{model.name}: its token decomposition has no patch grid, so there is no per-token map to draw")
         if chosen is None:
             chosen = choose_components(tokens, components=components, layers=layers, feature=feature, score=score,
+                                       kinds=kinds,
                                        top=top, by=by, variant=variant)
             token_types, n_rows = list(tokens.tokens.types), tokens.n_components
         pair = 1 if direction["k"] == 2 else None
@@ -458,6 +460,7 @@ def choose_components(
     top: int = 5,
     by: Literal["score", "selectivity"] = "score",
     variant: str | None = None,
+    kinds: Any = "input",
 ) -> list[str]:
     """Canonical labels of the chosen rows of ``stack`` (all rows when nothing is asked for).
 
@@ -503,7 +506,7 @@ def choose_components(
         where = "the score table" if isinstance(score, ScoreTable) else str(score)
         if feature not in table.features:
             raise InputError(f"--feature {feature!r} is not in {where}; it has {list(table.features)}")
-        top_rows = [label for label, _ in table.top(feature, top, by=by)]
+        top_rows = [label for label, _ in table.top(feature, top, by=by, kinds=kinds)]
         missing_rows = [t for t in top_rows if t not in names]
         if missing_rows:
             raise InputError(f"{where} ranks components this decomposition does not have ({missing_rows[:3]}): "

@@ -73,6 +73,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     g.add_argument("--store-dtype", choices=("float16", "float32"), default="float16")
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    p.add_argument("--kinds", default="input",
+                   help="components that may be chosen: input (heads, MLPs, neurons...: the default), all, or a comma "
+                   "list such as input,embed (embed/rest/bias rows carry no input-specific computation)")
     p.set_defaults(run=run)
 
 
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         spurious=args.spurious, core=args.core, c=args.c, align=args.align, text_model=args.text_model,
         pretrained=pretrained_choice(args), checkpoint=args.checkpoint, device=args.device,
         batch_size=args.batch_size, granularity=args.granularity, start_layer=args.start_layer,
-        store_dtype=args.store_dtype, num_workers=args.num_workers, progress=not getattr(args, "quiet", False))
+        store_dtype=args.store_dtype, num_workers=args.num_workers, progress=not getattr(args, "quiet", False),
+        kinds=args.kinds)
     result, texts = run_.result, run_.texts
     files = {"metadata": args.root / "metadata.csv"}
     if texts.source != "waterbirds":

@@ -73,6 +73,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--kinds", default="input",
+                   help="components that may be chosen: input (heads, MLPs, neurons...: the default), all, or a comma "
+                   "list such as input,embed (embed/rest/bias rows carry no input-specific computation)")
     p.set_defaults(run=run)
 
 
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         by=args.by, variant=args.variant, start_layer=args.start_layer, normalize=args.normalize,
         batch_size=args.batch_size, dtype=args.dtype, out=args.out, alpha=args.alpha, vmax=args.vmax,
         max_side=args.max_side, pretrained=not args.no_pretrained, checkpoint=args.checkpoint, device=args.device,
-        progress=not getattr(args, "quiet", False))
+        progress=not getattr(args, "quiet", False), kinds=args.kinds)
     args.start_layer = result.start_layer  # the run record shows the block the maps start at
     payload = {
         "run": run_record("heatmap", args, files={f"image{i}": p for i, p in enumerate(result.paths)},

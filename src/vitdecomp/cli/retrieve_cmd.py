@@ -78,6 +78,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="faiss float16 index (default) or exact numpy brute force")
     p.add_argument("--rebuild", action="store_true", help="rebuild the index folder from scratch")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    p.add_argument("--kinds", default="input",
+                   help="components that may be chosen: input (heads, MLPs, neurons...: the default), all, or a comma "
+                   "list such as input,embed (embed/rest/bias rows carry no input-specific computation)")
     p.set_defaults(run=run)
 
 
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         features=features, scores=args.scores, top=args.top, groups=args.groups, by=args.by, full=not args.no_full,
         k=args.k, templates=args.templates, align=args.align, model=args.model, checkpoint=args.checkpoint,
         pretrained=pretrained_choice(args), images_root=args.images, index_dir=args.index_dir, backend=args.backend,
-        rebuild=args.rebuild, progress=not getattr(args, "quiet", False))
+        rebuild=args.rebuild, progress=not getattr(args, "quiet", False), kinds=args.kinds)
     files: dict[str, Path] = {"scores": result.scores_file} if result.scores_file is not None else {}
     if result.alignment is not None and result.alignment["file"] is not None:
         files["align"] = Path(result.alignment["file"])

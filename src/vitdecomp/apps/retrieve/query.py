@@ -137,6 +137,7 @@ def search_store(
     backend: Backend = "faiss",
     rebuild: bool = False,
     progress: bool = False,
+    kinds: Any = "input",
 ) -> RetrievalResult:
     """Rank the items of a store for text or image queries through component groups (docs/method.md §6.2–6.3).
 
@@ -202,7 +203,7 @@ def search_store(
 
     chosen, feature_info = _groups(opened, encoder, feature=feature, components=components, features=features,
                                    scores=scores, top=top, n_groups=groups, by=ranking, templates=templates,
-                                   full=full)
+                                   full=full, kinds=kinds)
     # the alignment's path (not the maps): the index records the file and its sha256
     index = build_index(opened, chosen, index_dir, backend=backend, rebuild=rebuild, progress=progress, align=align)
     hits: dict[str, Hits] = {}
@@ -293,7 +294,7 @@ def _score_table(store: ComponentStore, encoder: TextEncoder | None, *, scores: 
 def _groups(store: ComponentStore, encoder: TextEncoder | None, *, feature: str | None,
             components: str | Sequence[str] | None, features: str | Path | Mapping[str, Sequence[str]],
             scores: str | Path | ScoreTable | None, top: int, n_groups: int, by: Literal["score", "selectivity"],
-            templates: str, full: bool) -> tuple[list[ComponentGroup], dict[str, Any]]:
+            templates: str, full: bool, kinds: Any = "input") -> tuple[list[ComponentGroup], dict[str, Any]]:
     """The groups to search (explicit, or a feature's top components; the full representation last)."""
     groups: list[ComponentGroup] = []
     info: dict[str, Any] = {}
@@ -310,7 +311,7 @@ def _groups(store: ComponentStore, encoder: TextEncoder | None, *, feature: str 
             raise InputError(f"--feature {feature!r} is not one of {list(table.features)}")
         if by == "selectivity" and len(table.features) < 2:
             raise InputError("selectivity needs at least two features; pass --by score")
-        groups += feature_groups(table, feature, size=top, n_groups=n_groups, by=by)
+        groups += feature_groups(table, feature, size=top, n_groups=n_groups, by=by, kinds=kinds)
         info = {**info, "feature": feature, "by": by, "kind": table.kind, "scores": table.to_json()}
     if full or not groups:
         groups.append(full_group())
