@@ -93,3 +93,20 @@ def test_nulls_refuse_bad_pools(world):
         score_nulls(moments, features, pool[:, :5], labels=stack.names)
     with pytest.raises(InputError, match="needs more"):
         score_nulls(moments, features, pool[:3], labels=stack.names)
+
+
+def test_selectivity_and_contrast_nulls(world):
+    clip, sample, features, pool = world
+    stack = decompose_sample(clip, sample.images[:200])
+    moments = ScoreMoments.from_stack(stack)
+    nulls = score_nulls(moments, features, pool, n_null=100, seed=0, labels=stack.names)
+    sel = nulls.selectivity()
+    s = nulls.table.scores
+    j = list(nulls.table.features).index("colour")
+    others = np.delete(s, j, axis=1).max(1)
+    assert np.allclose(sel["g"][:, j], s[:, j] - others)  # the selectivity itself
+    assert np.isnan(sel["z"][stack.names.index("bias")]).all()  # constant rows are not tested
+    con = nulls.contrast("background", "colour")
+    assert np.allclose(con["g"], s[:, list(nulls.table.features).index("background")] - s[:, j])
+    tested = np.isfinite(con["z"])
+    assert tested.sum() == nulls.candidates.sum() and (con["q"][tested] >= con["p"][tested] - 1e-12).all()

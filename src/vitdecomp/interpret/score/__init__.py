@@ -46,8 +46,10 @@ Example::
 **Modules.** :mod:`~vitdecomp.interpret.score.moments` (the streamed statistics),
 :mod:`~vitdecomp.interpret.score.tables` (feature bases, scores, :class:`ScoreTable`),
 :mod:`~vitdecomp.interpret.score.proxy` (the CLIP proxy and the Spearman validation),
-:mod:`~vitdecomp.interpret.score.nulls` (null distributions from random text bases, significance) and
-:mod:`~vitdecomp.interpret.score.run` (:func:`score_store`: what ``vitdecomp score`` computes on a store).
+:mod:`~vitdecomp.interpret.score.nulls` (null distributions from random text bases, significance),
+:mod:`~vitdecomp.interpret.score.run` (:func:`score_store`: what ``vitdecomp score`` computes on a store) and
+:mod:`~vitdecomp.interpret.score.validate` (:func:`validate_scores`: ``vitdecomp score --validate``, the
+orderings against the CLIP proxy with the real CLIP image embedding).
 Every name is importable from here.
 """
 from __future__ import annotations
@@ -57,6 +59,7 @@ from .nulls import ScoreNulls, benjamini_hochberg, score_nulls
 from .proxy import clip_proxy, clip_proxy_table, rankdata, spearman, validate_ordering
 from .run import MAX_MOMENT_BYTES, VARIANTS, ScoreResult, resolve_feature, resolve_features, score_store
 from .tables import ScoreKind, ScoreTable, feature_basis, feature_scores, score_table
+from .validate import ScoreValidation, validate_scores, validate_store
 
 __all__ = [
     "ScoreNulls",
@@ -69,6 +72,7 @@ __all__ = [
     "ScoreMoments",
     "ScoreResult",
     "ScoreTable",
+    "ScoreValidation",
     "as_float64",
     "clip_proxy",
     "clip_proxy_table",
@@ -81,4 +85,6 @@ __all__ = [
     "score_table",
     "spearman",
     "validate_ordering",
+    "validate_scores",
+    "validate_store",
 ]

@@ -100,6 +100,48 @@ class ScoreNulls:
     meta: dict[str, Any] = field(default_factory=dict)
     p_empirical: np.ndarray | None = None
     percentile: np.ndarray | None = None
+    draws: np.ndarray | None = None  # [R, comp, feature] the null scores themselves
+
+    def selectivity(self) -> dict[str, np.ndarray]:
+        """Selectivity ``g_{ip} = s_{ip} − max_{p'≠p} s_{ip'}`` with its null: ``{"g", "z", "p", "q"}`` ``[comp, feature]``.
+
+        The null draw ``r`` replaces feature ``p``'s basis by a random one and keeps the other
+        features' observed scores: ``g^{(r)}_{ip} = s^{(r)}_{ip} − max_{p'≠p} s_{ip'}``.
+        """
+        if self.draws is None:
+            raise InputError("these nulls were made without their draws")
+        s = self.table.scores
+        if s.shape[1] < 2:
+            raise InputError("selectivity needs at least two features")
+        others = np.stack([np.delete(s, j, axis=1).max(1) for j in range(s.shape[1])], axis=1)  # [comp, feat]
+        return self._tested(s - others, self.draws - others[None])
+
+    def contrast(self, spurious: str, core: str, seed: int = 1) -> dict[str, np.ndarray]:
+        """Contrastive score ``s_{i,spurious} − s_{i,core}`` with its null: ``{"g", "z", "p", "q"}`` ``[comp]``.
+
+        The null pairs independent random bases for the two features (draws of the core feature
+        taken in a seeded random order, so two features of the same size never share a draw).
+        """
+        if self.draws is None:
+            raise InputError("these nulls were made without their draws")
+        feats = list(self.table.features)
+        a, b = feats.index(spurious), feats.index(core)
+        order = np.random.default_rng(seed).permutation(self.draws.shape[0])
+        observed = self.table.scores[:, a] - self.table.scores[:, b]
+        null = self.draws[:, :, a] - self.draws[order][:, :, b]
+        out = self._tested(observed[:, None], null[:, :, None])
+        return {k: v[:, 0] for k, v in out.items()}
+
+    def _tested(self, observed: np.ndarray, null: np.ndarray) -> dict[str, np.ndarray]:
+        from scipy.special import ndtr
+
+        mean, sd = null.mean(0), null.std(0, ddof=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(sd > 0, (observed - mean) / sd, np.nan)
+        p = np.where(np.isfinite(z), ndtr(-np.nan_to_num(z)), np.nan)
+        z[~self.candidates], p[~self.candidates] = np.nan, np.nan
+        q = benjamini_hochberg(p)
+        return {"g": observed, "z": z, "p": p, "q": q, "significant": np.nan_to_num(q, nan=1.0) <= self.alpha}
 
     def verdict(self, feature: str) -> str:
         """``"significant"`` or ``"not significant"`` for a feature (max statistic, BH over features)."""
@@ -244,7 +286,7 @@ def score_nulls(
     feature_p = (1.0 + (null_best >= best[:, None]).sum(1)) / (n_null + 1.0)
     feature_q = benjamini_hochberg(feature_p)
     table = ScoreTable(observed, tuple(labels), tuple(names), kind, {"count": moments.count})
-    info_arrays = {"p_empirical": empirical, "percentile": percentile}
+    info_arrays = {"p_empirical": empirical, "percentile": percentile, "draws": draws}
     info = {"seed": seed, "null_pool_size": int(pool.shape[0]), "kinds": sorted(resolve_kinds(kinds)),
             **dict(meta or {})}
     return ScoreNulls(table, mean, sd, z, p, q, significant, best, null_best, feature_p, feature_q,

@@ -136,6 +136,7 @@ class ScoreResult:
     files: dict[str, Path] = field(default_factory=dict)
     nulls: dict[str, Any] | None = None
     kinds: Any = "input"
+    selectivity_nulls: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """``score.json`` without the run record (the CLI adds ``"run"`` first)."""
@@ -156,6 +157,8 @@ class ScoreResult:
             payload["contrast"] = self.contrast
         if self.nulls is not None:
             payload["significance"] = {v: n.to_json() for v, n in self.nulls.items()}
+        if self.selectivity_nulls is not None:
+            payload["selectivity_significance"] = self.selectivity_nulls
         return payload
 
     def format(self, top: int = 5) -> str:
@@ -170,7 +173,11 @@ class ScoreResult:
             contrast_lines = []
             for v, t in self.tables.items():
                 entry = self.contrast["by_variant"][v]
-                shown = ", ".join(f"{lab} {entry['scores'][lab]:+.3f}" for lab in entry["ranking"][:top])
+                null = entry.get("null", {})
+                ranked = [lab for lab in entry["ranking"] if not null or lab in null][:top]
+                shown = ", ".join(f"{lab} {entry['scores'][lab]:+.3f}"
+                                  + ("" if not null or null[lab]["significant"] else " (not significant)")
+                                  for lab in ranked)
                 contrast_lines.append(f"contrast[{t.kind}] {spur} - {core}, top {min(top, len(t.labels))}: {shown}")
             lines.append("\n".join(contrast_lines))
         return "\n\n".join(lines)
@@ -319,6 +326,15 @@ def score_store(
     result.kinds = kinds
     if selectivity:
         result.selectivity = {v: t.selectivity() for v, t in tables.items()}
+        if result.nulls is not None:
+            result.selectivity_nulls = {}
+            for v, n in result.nulls.items():
+                tested = n.selectivity()
+                result.selectivity_nulls[v] = {
+                    f: {labels[i]: {"z": _num(tested["z"][i, j]), "q": _num(tested["q"][i, j]),
+                                    "significant": bool(tested["significant"][i, j])}
+                        for i in range(len(labels)) if np.isfinite(tested["z"][i, j])}
+                    for j, f in enumerate(tables[v].features)}
     if contrast:
         spur, core = contrast
         by_variant: dict[str, Any] = {}
@@ -327,6 +343,11 @@ def score_store(
             order = np.argsort(-values, kind="stable")
             by_variant[v] = {"scores": {labels[i]: float(values[i]) for i in range(len(labels))},
                              "ranking": [labels[i] for i in order]}
+            if result.nulls is not None:
+                tested = result.nulls[v].contrast(spur, core)
+                by_variant[v]["null"] = {labels[i]: {"z": _num(tested["z"][i]), "q": _num(tested["q"][i]),
+                                                      "significant": bool(tested["significant"][i])}
+                                         for i in range(len(labels)) if np.isfinite(tested["z"][i])}
         result.contrast = {"spurious": spur, "core": core, "by_variant": by_variant}
     return result
 
@@ -337,3 +358,7 @@ def _null_pool(null_pool: Any) -> TextPool:
     from ..text.pools import TextPool, load_pool
 
     return null_pool if isinstance(null_pool, TextPool) else load_pool(null_pool)
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
