@@ -62,6 +62,17 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     n.add_argument("--kinds", default="input",
                    help="components ranked and tested: input (heads, MLPs, neurons...: the default), all, or a "
                    "comma list such as input,embed")
+    v = p.add_argument_group("validation against the CLIP proxy (docs/method.md §4, paper Tables 2 and 4)")
+    v.add_argument("--validate", action="store_true",
+                   help="also compute the CLIP proxy r_ip (mean over the feature's texts of Pearson(cos(a_i, y_s), "
+                   "cos(Z_CLIP, y_s))) with Z_CLIP the real CLIP image embedding, and report Spearman rho of the "
+                   "component ordering (per feature) and of the feature ordering (per component) of each score "
+                   "table against it; needs two features for the feature ordering. Written as 'validation' in "
+                   "score.json")
+    v.add_argument("--clip-store", type=Path, metavar="CLIPSTORE",
+                   help="with --validate and --align: the store of the CLIP over the same images (rows paired by id, "
+                   "as `vitdecomp align` pairs them); its reference rows are Z_CLIP (default: the CLIP store recorded "
+                   "in the alignment folder's align.json). Without --align the store's own embedding is Z_CLIP")
     p.add_argument("--top", type=int, default=5, help="components shown per feature (default 5)")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     p.add_argument("--out", type=Path, metavar="DIR", help="write score.json and score.svg here")
@@ -81,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise InputError("--top must be at least 1")
+    if args.clip_store is not None and not args.validate:
+        raise InputError("--clip-store goes with --validate")
+    if args.validate:  # bad validation inputs fail before the pass
+        from ..interpret.score.validate import resolve_clip_store
+
+        resolve_clip_store(args.store, args.align, args.clip_store)
     result = score_store(
         args.store, args.features, pools=args.pool, variants=args.variant or ["corr"], templates=args.templates,
         absolute=args.absolute, selectivity=args.selectivity, contrast=tuple(args.contrast) if args.contrast else None,
@@ -93,13 +110,22 @@ def run(args: argparse.Namespace) -> int:
                                  "alignment": result.alignment.describe() if result.alignment is not None else None}),
         **result.to_json(),
     }
+    validation = None
+    if args.validate:
+        from ..interpret.score.validate import validate_scores
+
+        validation = validate_scores(result, clip_store=args.clip_store,
+                                     model=ModelChoice(args.model, args.checkpoint, pretrained_choice(args)),
+                                     progress=not getattr(args, "quiet", False))
+        payload["validation"] = validation.to_json()
     if args.out is not None:
         write_json(args.out / "score.json", payload)
         for j, (v, t) in enumerate(result.tables.items()):
             (args.out / ("score.svg" if j == 0 else f"score-{v}.svg")).write_text(
                 score_heatmap(t, title=f"{t.kind} ({result.store.path.name}, n={result.n_items})"), encoding="utf-8")
         log.info("wrote %s", args.out / "score.json")
-    sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n" if args.json else result.format(args.top) + "\n")
+    text = result.format(args.top) + ("\n\n" + validation.format() if validation is not None else "")
+    sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n" if args.json else text + "\n")
     return 0
 
 

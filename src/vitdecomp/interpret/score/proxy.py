@@ -3,6 +3,9 @@
 :func:`clip_proxy` is ``r_i = (1/|S|) Σ_s Pearson_x(cos(a_i(x), y_s), cos(Z(x), y_s))`` for a
 feature's texts ``y_s``, streamed; :func:`validate_ordering` compares the component and feature
 orderings of a :class:`~vitdecomp.interpret.score.tables.ScoreTable` with the proxy's (Spearman ρ).
+On a store, with ``Z`` the real CLIP image embedding (a CLIP store's own, or the rows of the CLIP's store
+paired by id for a model read through CompAlign), both run as
+:func:`~vitdecomp.interpret.score.validate.validate_store` (``vitdecomp score --validate``).
 """
 from __future__ import annotations
 

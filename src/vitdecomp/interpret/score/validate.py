@@ -18,9 +18,11 @@ A score table ``s [comp, feature]`` is then validated against ``r`` with Spearma
 * component ordering: ``(1/P) Σ_p ρ(s_{·,p}, r_{·,p})``;
 * feature ordering: ``(1/C) Σ_i ρ(s_{i,·}, r_{i,·})``.
 
-**Identity.** When every feature has one text and every component, and ``Z_CLIP``, has the same
-norm on every image, ``cos(a_i, y) = ⟨a_i, y⟩ / (‖a_i‖‖y‖)`` is a fixed multiple of the projection on
-the feature's single basis row ``b = y/‖y‖``, so ``r_{i,p} = s_{i,p}`` (corr) exactly and both ρ are 1.
+**Identity.** For a CLIP store (the score's total ``Z = Σ_i a_i`` is ``Z_CLIP``) where every feature has
+one text and every component, and ``Z``, has the same norm on every image, ``cos(a_i, y) = ⟨a_i, y⟩ /
+(‖a_i‖‖y‖)`` is a fixed multiple of the projection on the feature's single basis row ``b = ±y/‖y‖``, and
+Pearson is blind to positive scale and to flipping both sides, so ``r_{i,p} = s_{i,p}`` (corr) exactly and
+both ρ are 1 (barring ties).
 In general the two differ by the per-image normalisation and by the basis (orthonormalised texts for
 ``s``, each text for ``r``), which is what the validation measures.
 """
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
     from ..align.maps import CompAlign
     from .run import ScoreResult
 
-__all__ = ["ScoreValidation", "validate_scores", "validate_store"]
+__all__ = ["ScoreValidation", "resolve_clip_store", "validate_scores", "validate_store"]
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +106,9 @@ class ScoreValidation:
         """The lines ``vitdecomp score --validate`` prints."""
         where = (f"Z_CLIP = the rows of {self.clip_store} paired by id" if self.reference == "clip_store"
                  else "Z_CLIP = the store's own image embedding")
-        lines = [f"validation against the CLIP proxy (docs/method.md §4; {where}; {self.n_items} rows, "
-                 f"{len(self.components)} components, {len(self.proxy.features)} features)"]
+        head = (f"validation against the CLIP proxy (docs/method.md §4; {where}; {self.n_items} rows, "
+                f"{len(self.components)} components, {len(self.proxy.features)} features)")
+        lines = [head]
         for v, o in self.orderings.items():
             lines.append(f"  {v}: component-ordering rho {_num(o['component_order_rho'])} "
                          f"(mean over {o['n_features'] - o['undefined_features']} features), feature-ordering rho "
@@ -208,6 +211,53 @@ def _paired_stacks(store: ComponentStore, clip: ComponentStore, maps: CompAlign 
         bar.close()
 
 
+def resolve_clip_store(store: StoreLike, align: CompAlign | str | os.PathLike | None = None,
+                       clip_store: StoreLike | None = None) -> ComponentStore | None:
+    """The store whose reference rows are ``Z_CLIP`` for validating ``store`` (read through ``align``), checked;
+    None when the store's own reference is ``Z_CLIP`` (a CLIP store, no alignment or an identity one, and no
+    ``clip_store``). Reads no rows, so a command can call it before its pass.
+
+    Args:
+        store: the store (finished), or its path.
+        align: the CompAlign the store is read through (or its file / folder), if any.
+        clip_store: the CLIP's store over the same images; default with a non-identity ``align``: the CLIP store
+            recorded in ``align.json`` next to the maps, when it still exists.
+
+    Raises:
+        InputError: a non-identity alignment and no CLIP store, a CLIP store of another CLIP than the one the
+            maps go into, of another width, not finished, or of other images (ids differ on some row).
+    """
+    store = open_store(store)
+    maps = open_alignment(align, store) if align is not None else None
+    if maps is not None and maps.is_identity:
+        maps = None
+    clip = None
+    if clip_store is not None:
+        clip = open_store(clip_store, role="--clip-store")
+    elif maps is not None:
+        recorded = _recorded_clip_store(maps)
+        if recorded is None:
+            raise InputError("validating scores read through a CompAlign needs the CLIP image embeddings of the same "
+                             "images: pass --clip-store CLIPSTORE (the store `vitdecomp align` fitted the maps to)")
+        log.info("validation: Z_CLIP from %s (recorded in the alignment's align.json)", recorded)
+        clip = open_store(recorded, role="--clip-store")
+    if maps is not None and clip is not None:
+        fitted = (maps.meta.get("clip_model"), maps.meta.get("clip_weights"))
+        if fitted[0] is not None and fitted != (clip.config.model, clip.config.weights):
+            raise InputError(f"--clip-store {clip.path} is of {clip.config.model} ({clip.config.weights}); the maps "
+                             f"go into the space of {fitted[0]} ({fitted[1]})")
+    d_clip = maps.d_clip if maps is not None else int(store.comp_shape[-1])
+    if clip is not None and int(clip.ref_dim) != d_clip:
+        raise InputError(f"--clip-store {clip.path} has image embeddings of width {clip.ref_dim}; the components are "
+                         f"of width {d_clip}")
+    if clip is not None:
+        from ..align.data import paired_rows
+
+        if not paired_rows(store, clip).any():  # raises on other images (from the done records: no rows read)
+            raise InputError(f"no row is valid in both {store.path} and --clip-store {clip.path}")
+    return clip
+
+
 def validate_store(
     store: StoreLike,
     features: Mapping[str, np.ndarray | torch.Tensor],
@@ -253,27 +303,10 @@ def validate_store(
 
     store = open_store(store)
     maps = open_alignment(align, store) if align is not None else None
+    clip = resolve_clip_store(store, maps, clip_store)
     if maps is not None and maps.is_identity:
         maps = None
-    clip = None
-    if clip_store is not None:
-        clip = open_store(clip_store, role="--clip-store")
-    elif maps is not None:
-        recorded = _recorded_clip_store(maps)
-        if recorded is None:
-            raise InputError("validating scores read through a CompAlign needs the CLIP image embeddings of the same "
-                             "images: pass --clip-store CLIPSTORE (the store `vitdecomp align` fitted the maps to)")
-        log.info("validation: Z_CLIP from %s (recorded in the alignment's %s)", recorded, "align.json")
-        clip = open_store(recorded, role="--clip-store")
-    if maps is not None and clip is not None:
-        fitted = (maps.meta.get("clip_model"), maps.meta.get("clip_weights"))
-        if fitted[0] is not None and fitted != (clip.config.model, clip.config.weights):
-            raise InputError(f"--clip-store {clip.path} is of {clip.config.model} ({clip.config.weights}); the maps "
-                             f"go into the space of {fitted[0]} ({fitted[1]})")
     d_clip = maps.d_clip if maps is not None else int(store.comp_shape[-1])
-    if clip is not None and int(clip.ref_dim) != d_clip:
-        raise InputError(f"--clip-store {clip.path} has image embeddings of width {clip.ref_dim}; the components are "
-                         f"of width {d_clip}")
     texts = {name: np.asarray(t.detach().cpu().double().numpy() if hasattr(t, "detach") else t, dtype=np.float64)
              for name, t in features.items()}
     for name, t in texts.items():
