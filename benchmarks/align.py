@@ -14,11 +14,29 @@ process, on the same rows:
 3. **fit, in memory**: the same fit from tensors already in memory (no store reads).
 
 Ratios: streamed fit / (2 x read) (the fit makes two passes), and streamed / in-memory (the share
-of the store reads). Timings are the best of ``--repeat`` runs (torch threads: ``--threads``).
+of the store reads). These fits start from a random isometry at the published learning rate (3e-4), as
+before the closed-form start existed, so the figures stay comparable.
+
+``--section start`` (also in ``all``): the closed-form start (docs/method.md §3, ``AlignConfig.init``)
+against the published settings, on what each reaches and what it costs:
+
+4. **planted**: the same exactly solvable problem (``y = Σ_i Q_i c_i``, random isometries ``Q_i``) with
+   ``--start-rows`` rows (default 3000), fitted from memory with ``AlignConfig.published()`` (random
+   start, lr 3e-4, 2 epochs, batch 32), ``AlignConfig()`` (the defaults: least-squares start, then the
+   penalty objective) and ``AlignConfig(parametrisation="orthogonal")`` (not above 10,000 rows: its
+   QR steps take many minutes there): held-out cosine, epochs run, converged or not, fit time, and the
+   time of the closed-form start alone (:func:`closed_form_maps`);
+5. **swin** (``--swin``): the shipped tiny Swin into the shipped tiny CLIP, stores of a generated world
+   (600 scenes, seed 0, colour task: 420 train / 90 test rows, as tutorial 2), fitted streamed from the
+   stores with the settings above plus tutorial 2's ``orthogonal, lr 1e-2, 30 epochs`` from a random start;
+   held-out (validation) and test-split cosines and fit times.
+
+Timings are the best of ``--repeat`` runs (torch threads: ``--threads``).
 
 Usage::
 
     python benchmarks/align.py --quick          # N=2048, COMP=26, D=128 (the shipped tiny ViT's shape)
+    python benchmarks/align.py --section start --start-rows 3000,30000 --swin
     python benchmarks/align.py --rows 20000 --comp 50 --d-model 384 --d-clip 512
 """
 from __future__ import annotations
@@ -49,6 +67,95 @@ def _write(path: Path, values: np.ndarray, ref: np.ndarray, names: list[str], ch
         store.write_chunk(i, stack, [f"img{j:07d}" for j in range(lo, hi)], {})
 
 
+def _planted(n: int, comp: int, dm: int, dc: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``c [n, comp, dm]`` standard normal and ``y = Σ_i Q_i c_i [n, dc]`` with random (co-)isometries ``Q_i``."""
+    gen = np.random.default_rng(seed)
+    c = gen.standard_normal((n, comp, dm), dtype=np.float32)
+    maps = np.linalg.qr(gen.standard_normal((comp, max(dm, dc), min(dm, dc))))[0]
+    maps = maps if dc >= dm else maps.transpose(0, 2, 1)
+    y = np.einsum("bcm,ckm->bk", c, maps.astype(np.float32)).astype(np.float32)
+    return c, y
+
+
+def _configs() -> dict[str, object]:
+    from vitdecomp.interpret.align import AlignConfig
+
+    return {"published (random start, lr 3e-4, 2 epochs)": AlignConfig.published(),
+            "default (least-squares start, penalty)": AlignConfig(),
+            "default, orthogonal": AlignConfig(parametrisation="orthogonal")}
+
+
+def _summary(align: object) -> dict[str, object]:
+    meta = align.meta  # type: ignore[attr-defined]
+    return {"val_cosine": meta["val_cosine"], "start_val_cosine": meta["history"][0]["val_cosine"],
+            "epochs_run": len(meta["train_loss"]), "best_epoch": meta["best_epoch"], "converged": meta["converged"],
+            "warnings": meta["warnings"], "init": meta["init"]}
+
+
+def _start_planted(n: int, comp: int, dm: int, dc: int, repeat: int) -> dict[str, object]:
+    """Section 4: the planted problem of ``n`` rows, from memory."""
+    from vitdecomp.interpret.align import AlignConfig, closed_form_maps, fit_compalign, resolve_constraint
+
+    c, y = _planted(n, comp, dm, dc)
+    ct, yt = torch.from_numpy(c), torch.from_numpy(y)
+
+    def memory() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return [(ct[i : i + 256], yt[i : i + 256], torch.arange(i, min(i + 256, n))) for i in range(0, n, 256)]
+
+    out: dict[str, object] = {"rows": n}
+    fit_compalign(lambda: memory()[:2], comp, dm, dc, AlignConfig(epochs=1))  # warm-up (imports, allocator)
+    for name, cfg in _configs().items():
+        if n > 10_000 and "orthogonal" in name:  # up to 10 epochs of QR steps: many minutes on a CPU
+            continue
+        fits: list[object] = []
+        seconds = best_of(repeat, lambda cfg=cfg, fits=fits: fits.append(fit_compalign(memory, comp, dm, dc, cfg)))
+        entry = {"fit_s": seconds, **_summary(fits[-1])}
+        if cfg.init == "lstsq":  # type: ignore[attr-defined]
+            side = resolve_constraint(cfg, dm, dc)  # type: ignore[arg-type]
+            entry["closed_form_start_s"] = best_of(
+                repeat, lambda cfg=cfg, side=side: closed_form_maps(memory, comp, dm, dc, cfg, side))
+        out[name] = entry
+        print(f"planted {n} rows, {name}: held-out cosine {entry['val_cosine']:.4f} in {seconds:.2f} s", flush=True)
+    return out
+
+
+def _start_swin(repeat: int) -> dict[str, object]:
+    """Section 5: the shipped tiny Swin into the shipped tiny CLIP, streamed from stores."""
+    import vitdecomp as vd
+    from vitdecomp.interpret.align import AlignConfig, fit_compalign, store_batches
+    from vitdecomp.synth import generate_dataset
+
+    configs = {"tutorial 2 (orthogonal, random start, lr 1e-2, 30 epochs)": AlignConfig(
+        parametrisation="orthogonal", init="random", lr=1e-2, epochs=30, patience=None), **_configs()}
+    out: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        generate_dataset(root / "world", 600, seed=0, task="colour")
+        stores = {}
+        for split in ("train", "test"):
+            for name in ("swin", "clip"):
+                run = vd.decompose_dataset(vd.load(f"synth:{name}"), root / "world" / split,
+                                           root / f"{name}-{split}.zarr", batch_size=64, progress=False)
+                stores[name, split] = run.store
+        train = store_batches(stores["swin", "train"], stores["clip", "train"])
+        test = store_batches(stores["swin", "test"], stores["clip", "test"])
+        n_comp, dm = len(stores["swin", "train"].labels), int(stores["swin", "train"].comp_shape[-1])
+        dc = int(stores["clip", "train"].ref_dim)
+        out.update(rows={"train_store": stores["swin", "train"].n_items, "test_store": stores["swin", "test"].n_items},
+                   comp=n_comp, d_model=dm, d_clip=dc)
+        for name, cfg in configs.items():
+            fits: list[object] = []
+            seconds = best_of(repeat, lambda cfg=cfg, fits=fits: fits.append(fit_compalign(train, n_comp, dm, dc, cfg)))
+            align = fits[-1]
+            entry = {"fit_s": seconds, **_summary(align),
+                     "test_cosine": align.metrics(test)["cosine"],  # type: ignore[attr-defined]
+                     "defect_max": float(align.defects()[0].max())}  # type: ignore[attr-defined]
+            out[name] = entry
+            print(f"swin -> clip, {name}: held-out {entry['val_cosine']:.4f}, test {entry['test_cosine']:.4f} "
+                  f"in {seconds:.2f} s", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=8192)
@@ -59,6 +166,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="2048 rows")
+    ap.add_argument("--section", choices=("stream", "start", "all"), default="all")
+    ap.add_argument("--start-rows", default="3000", help="comma-separated row counts of the planted start section")
+    ap.add_argument("--swin", action="store_true", help="start section: also the shipped tiny Swin -> tiny CLIP")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.quick:
@@ -69,14 +179,20 @@ def main() -> None:
     from vitdecomp.store.component_store import ComponentStore
 
     n, comp, dm, dc = args.rows, args.comp, args.d_model, args.d_clip
-    gen = np.random.default_rng(0)
-    c = gen.standard_normal((n, comp, dm), dtype=np.float32)
-    maps = np.linalg.qr(gen.standard_normal((comp, max(dm, dc), min(dm, dc))))[0]
-    maps = maps if dc >= dm else maps.transpose(0, 2, 1)
-    y = np.einsum("bcm,ckm->bk", c, maps.astype(np.float32)).astype(np.float32)
+    c, y = _planted(n, comp, dm, dc)
     names = [f"L{i // 6:02d}.H{i % 6:02d}" for i in range(comp)]
     result: dict[str, object] = {"rows": n, "comp": comp, "d_model": dm, "d_clip": dc, "threads": args.threads,
                                  "batch_size": args.batch_size}
+    if args.section in ("start", "all"):
+        result["start"] = {"planted": [_start_planted(int(r), comp, dm, dc, args.repeat)
+                                       for r in args.start_rows.split(",")]}
+        if args.swin:
+            result["start"]["swin"] = _start_swin(args.repeat)  # type: ignore[index]
+    if args.section == "start":
+        print(json.dumps(result, indent=2))
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         _write(Path(tmp) / "m.zarr", c, c.sum(1), names, 256)
         _write(Path(tmp) / "c.zarr", y[:, None], y, ["embed"], 200)
@@ -96,7 +212,8 @@ def main() -> None:
             return [(ct[i : i + 256], yt[i : i + 256], torch.arange(i, min(i + 256, n))) for i in range(0, n, 256)]
 
         for objective in ("penalty", "orthogonal"):
-            cfg = AlignConfig(parametrisation=objective, epochs=1, batch_size=args.batch_size, patience=None)
+            cfg = AlignConfig(parametrisation=objective, epochs=1, batch_size=args.batch_size, patience=None,
+                              init="random", lr=3e-4)
             fit_compalign(memory, comp, dm, dc, cfg)  # warm-up (imports, allocator)
             t_fit = best_of(args.repeat, lambda cfg=cfg: fit_compalign(source, comp, dm, dc, cfg))
             t_mem = best_of(args.repeat, lambda cfg=cfg: fit_compalign(memory, comp, dm, dc, cfg))

@@ -181,18 +181,21 @@ def test_infeasible_isometry_raises_and_coisometry_works() -> None:
 
 
 # ------------------------------------------------------------------ (5) checkpoint/resume
-def test_checkpoint_resume_equals_uninterrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("init", ["random", "lstsq"])
+def test_checkpoint_resume_equals_uninterrupted(tmp_path: Path, init: str) -> None:
     truth = _scaled_orthogonal(17)
     c, y = _planted(truth, n=800)
-    cfg = AlignConfig(parametrisation="orthogonal", lr=0.03, epochs=5, batch_size=50, patience=None, seed=4)
+    cfg = AlignConfig(parametrisation="orthogonal", lr=0.03, epochs=5, batch_size=50, patience=None, seed=4,
+                      init=init)  # type: ignore[arg-type]
     straight = fit_compalign(_source(c, y), C, DM, DC, cfg)
+    start = 1 if init == "lstsq" else 0  # the closed-form start reads the rows once before epoch 1
 
     calls = {"n": 0}
 
     def crashing() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         calls["n"] += 1
         for i, batch in enumerate(_source(c, y)()):
-            if calls["n"] == 4 and i == 3:  # killed in the middle of the fourth epoch
+            if calls["n"] == 4 + start and i == 3:  # killed in the middle of the fourth epoch
                 raise KeyboardInterrupt
             yield batch
 
@@ -349,3 +352,148 @@ def test_alignment_config_groups_partition_the_components() -> None:
     assert alignment_config(labels)[1] == labels and alignment_config(labels)[0].mode == "per_component"
     with pytest.raises(InputError, match="map sharing"):
         alignment_config(labels, settings={"mode": "shared"})
+
+
+# ------------------------------------------------------------------ (8) the closed-form start and the defaults
+def _planted_problem(n: int, normalise: bool, seed: int = 0, comp: int = 6, d_model: int = 16,
+                     d_clip: int = 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random components ``c [n, comp, d_model]``, random scaled-orthogonal maps ``F_i = s_i Q_i`` (``s_i`` in
+    [0.5, 2]) and ``y = Σ_i F_i c_i`` (unit-normalised with ``normalise``: the cosine objective ignores the
+    norm, the least-squares start does not)."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.rand(comp, generator=gen, dtype=torch.float64) * 1.5 + 0.5
+    truth = s[:, None, None] * torch.linalg.qr(torch.randn(comp, d_clip, d_model, generator=gen,
+                                                           dtype=torch.float64)).Q
+    c = torch.randn(n, comp, d_model, generator=gen, dtype=torch.float64)
+    y = torch.einsum("bcm,ckm->bk", c, truth)
+    if normalise:
+        y = torch.nn.functional.normalize(y, dim=-1)
+    return c.float(), y.float(), truth
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_default_config_solves_a_planted_problem_of_3000_rows(normalise: bool, caplog) -> None:
+    c, y, truth = _planted_problem(3000, normalise)
+    comp, d_model, d_clip = truth.shape[0], truth.shape[2], truth.shape[1]
+    align = fit_compalign(_source(c, y, chunk=256), comp, d_model, d_clip, AlignConfig())
+    assert align.meta["val_cosine"] >= 0.99
+    assert align.meta["init"]["method"] == "lstsq" and align.meta["history"][0]["epochs_trained"] == 0
+    assert align.meta["converged"] and align.meta["warnings"] == []
+    fresh_c = torch.randn(500, comp, d_model, generator=torch.Generator().manual_seed(9))  # rows never seen
+    fresh_y = torch.einsum("bcm,ckm->bk", fresh_c.double(), truth).float()
+    assert align.metrics(_source(fresh_c, fresh_y))["cosine"] >= 0.99
+    # the published settings (random start, lr 3e-4, 2 epochs, batch 32) do not get there, and say so
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vitdecomp.interpret.align.fit"):
+        published = fit_compalign(_source(c, y, chunk=256), comp, d_model, d_clip, AlignConfig.published())
+    assert published.meta["val_cosine"] < 0.5 and published.meta["init"] == {"method": "random"}
+    assert not published.meta["converged"]
+    assert [w.split(":")[0].split(" ")[0] for w in published.meta["warnings"]] == ["not", "low"]
+    assert sum("low held-out cosine" in r.getMessage() for r in caplog.records) == 1
+    assert sum("not converged" in r.getMessage() for r in caplog.records) == 1
+    history = [h["val_cosine"] for h in published.meta["history"]]
+    assert len(history) == 3 and history[-1] == max(history)  # still rising when the epochs ran out
+
+
+def test_presets_and_old_configs() -> None:
+    pub = AlignConfig.published()
+    assert (pub.init, pub.lr, pub.epochs, pub.batch_size) == ("random", 3e-4, 2, 32)
+    assert AlignConfig.preset("published", seed=3) == AlignConfig.published(seed=3)
+    assert AlignConfig.preset("default") == AlignConfig() and AlignConfig().init == "lstsq"
+    with pytest.raises(InputError, match="preset"):
+        AlignConfig.preset("paper")
+    old = AlignConfig().to_json()
+    del old["init"], old["ridge"], old["sweeps"], old["lstsq_max_columns"], old["min_delta"]
+    back = AlignConfig.from_json(old)  # written before the closed-form start existed
+    assert back.init == "random" and back.min_delta == 0.0
+    for bad in ({"init": "zeros"}, {"ridge": -1.0}, {"sweeps": -1}, {"lstsq_max_columns": 0}, {"min_delta": -1.0}):
+        with pytest.raises(InputError):
+            AlignConfig(**bad)  # type: ignore[arg-type]
+
+
+def _train_rows(c: torch.Tensor, y: torch.Tensor, config: AlignConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    train = torch.as_tensor(~validation_mask(np.arange(c.shape[0]), config.seed, config.val_fraction))
+    return c[train].double(), y[train].double()
+
+
+def test_closed_form_start_is_the_least_squares_solution_on_the_training_rows() -> None:
+    from vitdecomp.interpret.align import closed_form_maps
+
+    gen = torch.Generator().manual_seed(31)
+    truth = torch.randn(C, DC, DM, generator=gen, dtype=torch.float64) / DC**0.5  # any linear maps
+    c, y = _planted(truth, n=600)
+    y = y + 0.3 * torch.randn(y.shape, generator=gen)  # noise: the held-out rows would move the solution
+    cfg = AlignConfig(lam=0.0, ridge=0.0)  # the unconstrained objective starts from the plain solution
+    start = closed_form_maps(_source(c, y), C, DM, DC, cfg, "isometry")
+    ct, yt = _train_rows(c, y, cfg)
+    w = torch.linalg.lstsq(ct.reshape(ct.shape[0], -1), yt).solution  # [C * DM, DC]
+    expected = w.reshape(C, DM, DC).mT
+    factor = start.info["rescaled_by"]
+    assert torch.allclose(start.maps / factor, expected, atol=1e-8, rtol=0)
+    assert start.info["system"] == "joint" and start.info["train_rows"] == ct.shape[0] < 600
+    resid = yt - torch.einsum("bcm,ckm->bk", ct, expected)
+    assert start.info["train_r2"] == pytest.approx(1 - float(resid.pow(2).sum() / yt.pow(2).sum()), abs=1e-9)
+    # grouped maps: one regression on the group sums
+    grouped = AlignConfig(mode="grouped", groups=[[0, 2], [1, 3]], lam=0.0, ridge=0.0)
+    start = closed_form_maps(_source(c, y), C, DM, DC, grouped, "isometry")
+    sums = torch.stack([ct[:, 0] + ct[:, 2], ct[:, 1] + ct[:, 3]], 1)
+    w = torch.linalg.lstsq(sums.reshape(sums.shape[0], -1), yt).solution
+    assert torch.allclose(start.maps / start.info["rescaled_by"], w.reshape(2, DM, DC).mT, atol=1e-8, rtol=0)
+    # a system wider than lstsq_max_columns falls back to the shared map's solution, for every map
+    small = AlignConfig(lam=0.0, ridge=0.0, lstsq_max_columns=C * DM - 1)
+    start = closed_form_maps(_source(c, y), C, DM, DC, small, "isometry")
+    w = torch.linalg.lstsq(ct.sum(1), yt).solution
+    assert start.info["system"] == "shared" and start.info["columns"] == DM
+    assert all(torch.allclose(start.maps[i] / start.info["rescaled_by"], w.T, atol=1e-8) for i in range(C))
+    # the ridge shrinks the solution toward 0, at a cost in training fit
+    ridged = closed_form_maps(_source(c, y), C, DM, DC, AlignConfig(lam=0.0, ridge=1.0), "isometry")
+    assert ridged.info["train_r2"] < closed_form_maps(_source(c, y), C, DM, DC, cfg, "isometry").info["train_r2"]
+    assert float((ridged.maps / ridged.info["rescaled_by"]).norm()) < float(expected.norm())
+
+
+def test_orthogonal_start_recovers_planted_maps_and_sweeps_only_help() -> None:
+    from vitdecomp.interpret.align import closed_form_maps
+
+    c, y, truth = _planted_problem(3000, normalise=False)
+    comp, d_model, d_clip = truth.shape[0], truth.shape[2], truth.shape[1]
+    cfg = AlignConfig(parametrisation="orthogonal")
+    start = closed_form_maps(_source(c, y, chunk=256), comp, d_model, d_clip, cfg, "isometry")
+    assert _rel(start.maps, truth) < 1e-4
+    assert torch.allclose(start.maps, start.scales[:, None, None] * start.unit, atol=1e-12)
+    assert float(orthogonality_defect(start.maps)[0].max()) < 1e-8
+    assert torch.allclose(start.scales, truth.norm(dim=(1, 2)) / d_model**0.5, rtol=1e-4)
+    # fewer rows than least-squares columns (90 < 6 x 16): the plain solution is not unique, the constrained one
+    # is; each Procrustes sweep lowers the training error, and the maps approach the planted ones
+    c, y, truth = _planted_problem(100, normalise=False)
+    r2, err = [], []
+    for sweeps in (0, 2, 50):
+        s = closed_form_maps(_source(c, y), comp, d_model, d_clip, AlignConfig(parametrisation="orthogonal",
+                                                                               sweeps=sweeps), "isometry")
+        assert s.info["train_rows"] < comp * d_model and s.info["train_r2"] > 0.999  # interpolates
+        r2.append(s.info["train_r2_constrained"])
+        err.append(_rel(s.maps, truth))
+        assert float(orthogonality_defect(s.maps)[0].max()) < 1e-8
+    assert r2[0] < r2[1] < r2[2] and err[0] > err[1] > err[2]
+    # common scale: one s; co-isometry: orthonormal rows
+    common = closed_form_maps(_source(c, y), comp, d_model, d_clip,
+                              AlignConfig(parametrisation="orthogonal", common_scale=True), "isometry")
+    assert torch.allclose(common.scales, common.scales[0].expand(comp))
+    c, y = _planted(_orthonormal(C, DM, DC, torch.Generator().manual_seed(3)), n=600)  # 12 -> 8: co-isometries
+    co = closed_form_maps(_source(c, y), C, DC, DM, AlignConfig(parametrisation="orthogonal", constraint="coisometry"),
+                          "coisometry")
+    assert float(orthogonality_defect(co.maps, "coisometry")[0].max()) < 1e-8
+    assert co.info["train_r2_constrained"] > 0.999
+
+
+def test_convergence_is_recorded() -> None:
+    truth = _scaled_orthogonal(37)
+    c, y = _planted(truth, n=1000)
+    # a random start with a small learning rate is still improving when the epochs run out
+    slow = fit_compalign(_source(c, y), C, DM, DC, AlignConfig(init="random", lr=3e-3, epochs=3, patience=None))
+    cos = [h["val_cosine"] for h in slow.meta["history"]]
+    assert [h["epochs_trained"] for h in slow.meta["history"]] == [0, 1, 2, 3]
+    assert cos[-1] > max(cos[:-1]) + 1e-3 and not slow.meta["converged"]
+    assert any(w.startswith("not converged") for w in slow.meta["warnings"])
+    # early stopping, or a last epoch that no longer improves, is convergence
+    done = fit_compalign(_source(c, y), C, DM, DC, AlignConfig(parametrisation="orthogonal", epochs=4, patience=1))
+    assert done.meta["converged"] and done.meta["warnings"] == [] and done.meta["val_cosine"] > 0.999

@@ -192,7 +192,10 @@ class AlignmentResult:
         return self.out / CHECKPOINT
 
     def to_json(self) -> dict[str, Any]:
-        """``align.json`` without the run record (the CLI adds ``"run"``).
+        """``align.json`` without the run record (the CLI adds ``"run"``). ``fit`` is the training record
+        (``history``: the held-out cosine of every evaluated state, epoch 0 being the start; ``init``: the
+        closed-form start; ``converged``), ``warnings`` the fit's warnings (held-out cosine below 0.5, or not
+        converged at the epoch limit), also printed by :meth:`format`.
 
         Raises:
             InputError: the run was stopped before the maps were fitted.
@@ -211,10 +214,11 @@ class AlignmentResult:
             "d_clip": align.d_clip,
             "maps": list(self.map_names),
             "rows": dict(self.rows),
-            "fit": {k: align.meta[k] for k in ("val_cosine", "best_epoch", "stopped_early", "scale_calibration",
-                                               "history", "train_loss")},
+            "fit": {k: align.meta.get(k) for k in ("val_cosine", "best_epoch", "stopped_early", "converged",
+                                                   "scale_calibration", "init", "history", "train_loss")},
             "fit_seconds": self.fit_seconds,
             "metrics": self.metrics,
+            "warnings": list(align.meta.get("warnings", [])),
         }
 
     def format(self) -> str:
@@ -227,7 +231,8 @@ class AlignmentResult:
         lines = [f"CompAlign {align.n_components} components -> {align.n_maps} maps [{align.d_clip}x{align.d_model}], "
                  f"{self.config.parametrisation}, {align.constraint}",
                  f"held-out cosine {metrics['val_cosine']:.4f} on {metrics['val_rows']} rows (best epoch "
-                 f"{align.meta['best_epoch']}), defect max {metrics['defect']['summary']['max']:.3g}"]
+                 f"{align.meta['best_epoch']}{_start(align.meta)}), "
+                 f"defect max {metrics['defect']['summary']['max']:.3g}"]
         if "zero_shot" in metrics:
             zs = metrics["zero_shot"]
             lines.append(f"zero-shot accuracy of the mapped sum {_pct(zs['val']['aligned'])} (CLIP itself "
@@ -237,6 +242,7 @@ class AlignmentResult:
             lines.append(f"TextSpan match rate {_pct(mr['match_rate'])} (ordered {_pct(mr['match_rate_ordered'])}) "
                          f"over {mr['n_components']} components, m = {mr['m']} (chance {_pct(mr['chance'])}), "
                          f"{mr['n_images']} {mr['split']} rows")
+        lines.extend(f"warning: {w}" for w in align.meta.get("warnings", []))
         return "\n".join(lines)
 
 
@@ -351,6 +357,7 @@ def fit_alignment(
     ckpt, ckpt_inputs = out / CHECKPOINT, out / CHECKPOINT_INPUTS
     identity = {"model": _store_identity(store_record(store)), "clip": _store_identity(store_record(clip_store))}
     next_epoch = 0
+    start_pending = config.init == "lstsq"  # the closed-form start reads the rows once before the first epoch
     if ckpt.exists():
         if not resume:
             raise InputError(f"{ckpt} exists (an earlier run): continue it with --resume, or choose another --out")
@@ -360,6 +367,7 @@ def fit_alignment(
                              "delete the checkpoint or choose another --out")
         state = torch.load(ckpt, map_location="cpu", weights_only=True).get("state", {})
         next_epoch = int(state.get("next_epoch", 0)) if not state.get("stopped") else config.epochs
+        start_pending = start_pending and not state.get("initialised", next_epoch > 0)
     else:
         write_json(ckpt_inputs, identity)
 
@@ -374,10 +382,11 @@ def fit_alignment(
         pass
 
     def source() -> Any:
-        if stop is not None and passes["n"] >= stop:
+        if stop is not None and passes["n"] >= stop + start_pending:
             raise _Stop
         passes["n"] += 1
-        return tqdm(base(), total=total, desc=f"align pass {passes['n']}", unit="batch",
+        what = "least-squares start" if start_pending and passes["n"] == 1 else f"pass {passes['n'] - start_pending}"
+        return tqdm(base(), total=total, desc=f"align {what}", unit="batch",
                     disable=not progress or total < 2, leave=False)
 
     result = AlignmentResult(store=store, clip_store=clip_store, out=out, config=config, map_names=map_names,
@@ -427,6 +436,15 @@ def _store_identity(record: Mapping[str, Any]) -> dict[str, Any]:
 def _summary(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
     return {"min": float(a.min()), "median": float(np.median(a)), "mean": float(a.mean()), "max": float(a.max())}
+
+
+def _start(meta: Mapping[str, Any]) -> str:
+    """``; least-squares start 0.8538`` (its held-out cosine) for the summary line; empty for a random start."""
+    init = meta.get("init") or {}
+    history = meta.get("history") or []
+    if init.get("method") != "lstsq" or not history or history[0].get("epochs_trained") != 0:
+        return ""
+    return f"; least-squares start {history[0]['val_cosine']:.4f}"
 
 
 def _pct(x: float | None) -> str:
