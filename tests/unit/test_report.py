@@ -675,3 +675,19 @@ def test_heavy_libraries_are_imported_only_when_used() -> None:
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot (global figure state) used'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_score_heatmap_frames_significant_cells():
+    import numpy as np
+
+    from vitdecomp.interpret.score import ScoreTable
+    from vitdecomp.report.figures import score_heatmap, score_heatmap_figure
+
+    table = ScoreTable(np.array([[0.5, 0.1], [0.2, -0.3]]), ("L00.H00", "L00.H01"), ("colour", "shape"))
+    marks = np.array([[True, False], [False, False]])
+    fig = score_heatmap_figure(table, significant=marks)
+    ax = fig.axes[0]
+    framed = [p for p in ax.patches if not p.get_fill()]
+    assert len(framed) == 1 and framed[0].get_xy() == pytest.approx((0.06, 0.06))
+    assert any("significant" in t.get_text() for leg in fig.legends for t in leg.get_texts())
+    assert "significant" not in score_heatmap(table)  # no marks, no legend entry

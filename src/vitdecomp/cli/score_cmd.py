@@ -122,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.out / "score.json", payload)
         for j, (v, t) in enumerate(result.tables.items()):
             (args.out / ("score.svg" if j == 0 else f"score-{v}.svg")).write_text(
-                score_heatmap(t, title=f"{t.kind} ({result.store.path.name}, n={result.n_items})"), encoding="utf-8")
+                score_heatmap(t, title=f"{t.kind} ({result.store.path.name}, n={result.n_items})",
+                              significant=result.nulls[v].significant if result.nulls else None,
+                              alpha=args.alpha), encoding="utf-8")
         log.info("wrote %s", args.out / "score.json")
     text = result.format(args.top) + ("\n\n" + validation.format() if validation is not None else "")
     sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n" if args.json else text + "\n")

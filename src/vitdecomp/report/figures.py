@@ -675,10 +675,13 @@ def heatmap_figure(
     annotate: bool | None = None,
     nan_label: str = "undefined",
     cell: float = 18.0,
+    marks: Any = None,
+    mark_label: str = "marked",
 ) -> MplFigure:
-    """The matplotlib figure of :func:`heatmap` (same arguments)."""
+    """The matplotlib figure of :func:`heatmap` (same arguments; ``marks``: bool ``[rows, columns]``
+    cells framed in black and named ``mark_label`` in the legend, e.g. significant scores)."""
     from matplotlib.colors import Normalize, TwoSlopeNorm
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch, Rectangle
 
     data = np.asarray(values, dtype=np.float64)
     if data.ndim != 2 or data.shape != (len(rows), len(columns)):
@@ -732,8 +735,18 @@ def heatmap_figure(
         _fit(bar.ax.yaxis.label, cbar_label, max(100.0, cell * n_rows * (1.0 if n_rows <= 40 else 0.6)) * 0.95,
              along="height")
         bar.ax.set_gid("colorbar")
+        handles = []
+        if marks is not None:
+            marked = np.asarray(marks, dtype=bool)
+            if marked.shape != data.shape:
+                raise ValueError(f"heatmap: marks of shape {marked.shape} for values of shape {data.shape}")
+            for i, j in zip(*np.nonzero(marked)):
+                ax.add_patch(Rectangle((j + 0.06, i + 0.06), 0.88, 0.88, fill=False, edgecolor="black", linewidth=1.2))
+            handles.append(Patch(facecolor="white", edgecolor="black", linewidth=1.2, label=mark_label))
         if not np.all(np.isfinite(data)):
-            fig.legend(handles=[Patch(facecolor=_NAN_COLOUR, label=nan_label)], loc="outside lower center")
+            handles.append(Patch(facecolor=_NAN_COLOUR, label=nan_label))
+        if handles:
+            fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
         _title(fig, title)
     return fig
 
@@ -789,8 +802,8 @@ def score_units(kind: str, share: bool = False) -> str:
     return f"selectivity: {text} minus the mean over the other features" if kind.startswith("selectivity[") else text
 
 
-def score_heatmap_figure(table: Any, *, components: Sequence[str] | None = None, title: str | None = None
-                         ) -> MplFigure:
+def score_heatmap_figure(table: Any, *, components: Sequence[str] | None = None, title: str | None = None,
+                         significant: Any = None, alpha: float = 0.05) -> MplFigure:
     """The matplotlib figure of :func:`score_heatmap` (same arguments)."""
     labels = [str(x) for x in table.labels]
     rows = list(range(len(labels))) if components is None else [labels.index(str(c)) for c in components]
@@ -799,18 +812,24 @@ def score_heatmap_figure(table: Any, *, components: Sequence[str] | None = None,
     signed = True if str(table.kind).startswith(("corr", "selectivity")) else None
     return heatmap_figure(data, [labels[i] for i in rows], list(table.features),
                           cbar_label=score_units(str(table.kind), share), title=title or str(table.kind),
-                          signed=signed, nan_label="undefined (constant component, e.g. a bias)")
+                          signed=signed, nan_label="undefined (constant component, e.g. a bias)",
+                          marks=None if significant is None else np.asarray(significant, dtype=bool)[rows],
+                          mark_label=f"significant against random text bases (BH q <= {alpha:g})")
 
 
-def score_heatmap(table: Any, *, components: Sequence[str] | None = None, title: str | None = None) -> str:
+def score_heatmap(table: Any, *, components: Sequence[str] | None = None, title: str | None = None,
+                  significant: Any = None, alpha: float = 0.05) -> str:
     """A :class:`~vitdecomp.interpret.score.ScoreTable` as a heat map (components × features), as SVG text.
 
     Rows are components (``components`` picks and orders them; default all), columns features;
     correlation and selectivity scores use a diverging map centred at 0 with symmetric limits,
     the colour bar names the score and its units, and components whose score is undefined (a
-    constant row such as a bias has no correlation) are grey. See :func:`heatmap`.
+    constant row such as a bias has no correlation) are grey. ``significant`` (bool
+    ``[comp, feature]``, e.g. :attr:`ScoreNulls.significant <vitdecomp.interpret.score.ScoreNulls>`)
+    frames the scores that beat their null, with a legend entry. See :func:`heatmap`.
     """
-    return svg_text(score_heatmap_figure(table, components=components, title=title))
+    return svg_text(score_heatmap_figure(table, components=components, title=title, significant=significant,
+                                         alpha=alpha))
 
 
 @dataclass(frozen=True)

@@ -370,7 +370,7 @@ def _section_components(table: Any, results: dict[str, Any], nulls: Any) -> Sect
         null_best = nulls.feature_null_max[j]
         rows.append([f, nulls.verdict(f), float(nulls.feature_max[j]),
                      f"{null_best.mean():.3f} ± {null_best.std():.3f}", float(nulls.feature_p[j]), ", ".join(cells)])
-    svg = score_heatmap(table, title=f"Correlation score of every component with every factor "
+    svg = score_heatmap(table, significant=nulls.significant, title=f"Correlation score of every component with every factor "
                                      f"({results['n_images']} scenes)")
     return Section("components", "Components per factor", [
         "Correlation score of each component with each factor (docs/method.md §4): the mean Pearson correlation, "
