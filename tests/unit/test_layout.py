@@ -12,7 +12,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[2] / "src" / "vitdecomp"
 
 #: Layers from the bottom up; a module may import its own layer and any layer below it.
-LAYERS = ["errors", "core", "data", "testing", "store", "interpret", "apps", "report", "synth", "cli"]
+LAYERS = ["errors", "core", "data", "testing", "store", "interpret", "apps", "report", "explore", "synth", "cli"]
 #: Modules outside the layers: the package entry points, which may import anything.
 ENTRY = {"vitdecomp", "vitdecomp.__main__", "vitdecomp._moved"}
 
