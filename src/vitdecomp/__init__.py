@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from . import _moved
+from . import compat
 
 __version__ = "0.1.0"
 
@@ -73,7 +73,7 @@ _SUBMODULES = {
     "demo": "vitdecomp.synth.demo",
 }
 
-_moved.install()  # old module paths (vitdecomp.stack, vitdecomp.text, ...) keep importing, with a warning
+compat.install()  # old module paths (vitdecomp.stack, vitdecomp.text, ...) keep importing, with a warning
 
 
 def __getattr__(name: str) -> Any:

@@ -138,6 +138,13 @@ def test_scale_survives_save_load_concat_and_item_selection(tmp_path):
     torch.testing.assert_close(joined.error_scale(), projected.error_scale())
     with pytest.raises(ValueError):
         vd.ComponentStack(projected.values, projected.labels, projected.reference, scale=torch.ones(5))
+    # per-item meta lists follow their items through selection and joining
+    from dataclasses import replace
+
+    tagged = replace(projected, meta={**projected.meta, "ids": ["a", "b", "c"], "model": "m"})
+    assert tagged.take_items([2, 0]).meta["ids"] == ["c", "a"]
+    rejoined = vd.ComponentStack.concat([tagged.take_items([1]), tagged.take_items([0, 2])])
+    assert rejoined.meta["ids"] == ["b", "a", "c"] and rejoined.meta["model"] == "m"
 
 
 def test_heatmap_over_a_synthetic_test_split_with_the_shipped_clip(tmp_path):

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[2] / "src" / "vitdecomp"
 #: Layers from the bottom up; a module may import its own layer and any layer below it.
 LAYERS = ["errors", "core", "data", "testing", "store", "interpret", "apps", "report", "explore", "synth", "cli"]
 #: Modules outside the layers: the package entry points, which may import anything.
-ENTRY = {"vitdecomp", "vitdecomp.__main__", "vitdecomp._moved"}
+ENTRY = {"vitdecomp", "vitdecomp.__main__", "vitdecomp.compat"}
 
 
 def _modules() -> dict[str, Path]:

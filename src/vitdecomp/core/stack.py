@@ -48,6 +48,11 @@ __all__ = ["ComponentStack", "TokenInfo", "default_rtol", "directions_norm", "pr
 log = logging.getLogger(__name__)
 
 
+#: ``meta`` keys that hold one entry per image (batch position); :meth:`ComponentStack.take_items`
+#: and :meth:`ComponentStack.concat` keep them aligned with the items.
+PER_ITEM_META: tuple[str, ...] = ("rows", "ids", "valid", "images")
+
+
 def default_rtol(dtype: torch.dtype) -> float:
     """Tolerance of the exactness check for a model run in ``dtype``."""
     import torch
@@ -131,8 +136,8 @@ class ComponentStack:
     def concat(cls, stacks: Sequence[ComponentStack]) -> ComponentStack:
         """Stacks of the same components over different images, joined along the batch axis.
 
-        Labels, space, tokens and meta come from the first stack; the error scales are joined
-        with the values (so projected stacks keep their yardstick).
+        Labels, space, tokens and meta come from the first stack; the error scales and the
+        per-item meta lists (:data:`PER_ITEM_META`) are joined with the values.
         """
         import torch
 
@@ -144,23 +149,38 @@ class ComponentStack:
         if len(stacks) == 1:
             return first
         scaled = any(s.scale is not None for s in stacks)
+        meta = dict(first.meta)
+        for key in PER_ITEM_META:  # per-item lists follow their items; dropped where a part lacks them
+            parts = [s.meta.get(key) for s in stacks]
+            if all(isinstance(p, list) and len(p) == s.batch_size for p, s in zip(parts, stacks)):
+                meta[key] = [x for p in parts for x in p]
+            else:
+                meta.pop(key, None)
         return replace(
             first,
             values=torch.cat([s.values for s in stacks], dim=1),
             reference=torch.cat([s.reference for s in stacks], dim=0),
             scale=torch.cat([s.error_scale() for s in stacks]) if scaled else None,
+            meta=meta,
         )
 
     def take_items(self, index: torch.Tensor | Sequence[int]) -> ComponentStack:
-        """The images at ``index`` (batch positions), with their references and error scales."""
+        """The images at ``index`` (batch positions), with their references, error scales and
+        per-item ``meta`` lists (:data:`PER_ITEM_META`: store rows, ids, ...)."""
         import torch
 
         idx = torch.as_tensor(index, dtype=torch.long, device=self.values.device)
+        positions = idx.tolist()
+        meta = dict(self.meta)
+        for key in PER_ITEM_META:
+            if isinstance(meta.get(key), list) and len(meta[key]) == self.batch_size:
+                meta[key] = [meta[key][i] for i in positions]
         return replace(
             self,
             values=self.values.index_select(1, idx),
             reference=self.reference.index_select(0, idx.to(self.reference.device)),
             scale=self.scale.index_select(0, idx.to(self.scale.device)) if self.scale is not None else None,
+            meta=meta,
         )
 
     # ------------------------------------------------------------------ shape

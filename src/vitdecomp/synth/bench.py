@@ -106,11 +106,11 @@ def balanced_labeller(task: str, groups: Sequence[Sequence[str]]) -> Any:
     """Labeller of the spurious task with exactly balanced groups: item ``k`` has ``y = k % 2`` and
     place ``(k // 2) % 2`` (0 land, 1 water), the task value drawn from class ``y``'s group."""
     from .dataset import PLACES
-    from .generator import pick as _pick
+    from .generator import pick
 
     def label(rng: np.random.Generator, k: int) -> tuple[Scene, int]:
         y, place = k % 2, (k // 2) % 2
-        return sample_scene(rng, fixed={task: _pick(rng, groups[y]), "background": PLACES[place]}), y
+        return sample_scene(rng, fixed={task: pick(rng, groups[y]), "background": PLACES[place]}), y
 
     return label
 
@@ -309,7 +309,7 @@ def aligned_labeller(task: str, groups: Sequence[Sequence[str]], aligned: float,
     ``y``, the first ``round(aligned * n_y)`` (half up, as :func:`~vitdecomp.synth.dataset.generate_dataset`)
     get place ``y``, the rest ``1 - y``; the task value is drawn from class ``y``'s group."""
     from .dataset import PLACES
-    from .generator import pick as _pick
+    from .generator import pick
 
     if not 0.0 <= aligned <= 1.0:
         from ..errors import InputError
@@ -321,7 +321,7 @@ def aligned_labeller(task: str, groups: Sequence[Sequence[str]], aligned: float,
     def label(rng: np.random.Generator, k: int) -> tuple[Scene, int]:
         y, j = k % 2, k // 2
         place = y if j < cut[y] else 1 - y
-        return sample_scene(rng, fixed={task: _pick(rng, groups[y]), "background": PLACES[place]}), y
+        return sample_scene(rng, fixed={task: pick(rng, groups[y]), "background": PLACES[place]}), y
 
     return label
 
@@ -366,11 +366,11 @@ def spurious_bench(clip: Model, classifier: Model | None = None, *, task: str = 
     from ..apps.debias import debias_stacks, embed_texts, fit_linear_head_stack
     from ..errors import InputError
     from ..interpret.text import text_encoder
-    from .dataset import check_groups as _check_groups
-    from .generator import canonical_factor as _factor
+    from .dataset import check_groups
+    from .generator import canonical_factor
 
-    task = _factor(task)
-    pair = _check_groups(task, groups)
+    task = canonical_factor(task)
+    pair = check_groups(task, groups)
     if min(n_train, n) < 8:
         raise InputError(f"the spurious-cue splits need at least 8 scenes each, got train {n_train}, val/test {n}")
     splits = {}

@@ -434,12 +434,12 @@ def _section_heatmaps(model: Model, sample: Any, texts: dict[str, np.ndarray], r
     from ..apps.segmentation.attention import raw_attention, rollout
     from ..report import Figure, Section, Table
     from ..report.figures import OverlayColumn, overlay_grid
-    from .bench import SEGMENT_TEXTS, model_pixels as _pixels, decomposition_map
+    from .bench import SEGMENT_TEXTS, model_pixels, decomposition_map
 
     seg = results["segmentation"]
     metric_rows = [[name, m["pixel_accuracy"], m["miou_two_class"], m["map_two_channel"], m["fg_iou"]]
                    for name, m in seg.items()]
-    x = _pixels(model, sample.images[:n])
+    x = model_pixels(model, sample.images[:n])
     decomposition_units = r"contribution to $\langle y_{pred} - \bar{y},\ z\rangle$ (embedding units)"
     columns = [OverlayColumn(f"decomposition ({f} texts)",
                              decomposition_map(model, x, torch.from_numpy(texts[f]).float()), decomposition_units)
@@ -685,9 +685,9 @@ def _real_heatmaps(model: Model, images: np.ndarray) -> list[Any]:
     from ..apps.heatmap import token_heatmap
     from ..report import Figure
     from ..report.figures import OverlayColumn, overlay_grid
-    from .bench import model_pixels as _pixels
+    from .bench import model_pixels
 
-    x = _pixels(model, images)
+    x = model_pixels(model, images)
     maps = []
     head = model.classifier()
     for b in range(len(images)):

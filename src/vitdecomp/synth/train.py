@@ -33,7 +33,7 @@ import numpy as np
 from ..apps.debias import group_accuracy
 from ..errors import InputError
 from .dataset import PLACES, SPURIOUS_CLASSES, SPURIOUS_GROUPS, read_factors
-from .generator import SCENE_FACTORS, VOCABULARY, Scene, canonical_factor as _factor, pick as _pick, caption, describe, render_array, sample_scene
+from .generator import SCENE_FACTORS, VOCABULARY, Scene, canonical_factor, pick, caption, describe, render_array, sample_scene
 from ..core.tiny import CLIP_CONFIG, VIT_CONFIG, build_tiny_clip, build_tiny_vit, image_stats, round_to_storage, save_tiny
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def _task_labeller(task: str, classes: Sequence[str]) -> Any:
 def _spurious_labeller(task: str, groups: Sequence[Sequence[str]], p: float) -> Any:
     def label(rng: np.random.Generator) -> tuple[Scene, int]:
         y = int(rng.integers(2))
-        value = _pick(rng, groups[y])
+        value = pick(rng, groups[y])
         place = y if rng.random() < p else 1 - y
         return sample_scene(rng, fixed={task: value, "background": PLACES[place]}), y
     return label
@@ -235,7 +235,7 @@ def train_clip(
 
     from open_clip.tokenizer import SimpleTokenizer
 
-    task = _factor(task)
+    task = canonical_factor(task)
     _seeded(seed)
     model = build_tiny_clip(seed, config)
     cfg = config or CLIP_CONFIG
@@ -288,7 +288,7 @@ def evaluate_clip(model: Any, *, factors: Sequence[str] = SCENE_FACTORS, n: int 
                            for i in range(0, n, batch_size)])
         feats = F.normalize(feats, dim=-1)
         out = {}
-        for factor in map(_factor, factors):
+        for factor in map(canonical_factor, factors):
             values = VOCABULARY[factor]
             text = F.normalize(clip.encode_text(tokenizer([describe(factor, v) for v in values])), dim=-1)
             pred = (feats @ text.T).argmax(1).tolist()
@@ -312,7 +312,7 @@ def _classes_of(root: Path | None, task: str, spurious: float | None) -> tuple[
             groups = [list(summary["class_values"][c]) for c in classes]
             return task, classes, groups, float(summary["spurious"])
         return task, classes, None, None
-    task = _factor(task)
+    task = canonical_factor(task)
     if spurious is None:
         return task, sorted(VOCABULARY[task]), None, None
     if task not in SPURIOUS_GROUPS:

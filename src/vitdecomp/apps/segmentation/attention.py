@@ -217,7 +217,7 @@ class PatternHooks:
     (``engines/vit.py``, ``on_block_end``) for every query row: ``softmax(q kᵀ · scale)``
     ``[batch, heads, tokens, tokens]`` in ``dt``, computed without gradient. ``keep_values`` also
     keeps each block's ``v`` (detached). Build it with the ViT map read inside the
-    ``_prepared`` context, register :meth:`specs` with :func:`vitdecomp.core.capture.hooks`.
+    ``prepared`` context, register :meth:`specs` with :func:`vitdecomp.core.capture.hooks`.
     """
 
     def __init__(self, vmap: ViTMap, dt: torch.dtype, *, keep_values: bool = False) -> None:
@@ -269,8 +269,8 @@ def _run(model: Any, pixels: Any) -> tuple[list[torch.Tensor], ViTMap, tuple[int
     import torch
 
     from ...core.capture import hooks
-    from ...core.decomposition import input_errors as _input_errors, prepared as _prepared
-    from ...core.engines.vit import token_info as _token_info
+    from ...core.decomposition import input_errors, prepared
+    from ...core.engines.vit import token_info
     from ...core.model import wrap
 
     m = wrap(model)
@@ -280,12 +280,12 @@ def _run(model: Any, pixels: Any) -> tuple[list[torch.Tensor], ViTMap, tuple[int
     dt = torch.float64 if run_dtype == torch.float64 else torch.float32
     x = pixels.to(device=m.device, dtype=run_dtype)
 
-    with _prepared(m.module, run_dtype), _input_errors(m, x):
+    with prepared(m.module, run_dtype), input_errors(m, x):
         vmap = vit_map(m)
         patterns = PatternHooks(vmap, dt)
         with hooks(patterns.specs()):
             vmap.forward(x)
     probs = patterns.complete()
-    info = _token_info(vmap, x, patterns.n_tokens[0])
+    info = token_info(vmap, x, patterns.n_tokens[0])
     assert info.grid is not None
     return probs, vmap, info.grid

@@ -418,14 +418,14 @@ def method_availability(model: Model | nn.Module, methods: Sequence[str] = METHO
     grid, or the last-stage grid of Swin / MaxViT); a model whose decomposition turns out to
     have no grid is marked unavailable by :func:`run_segmentation` when it is first tried.
     """
-    from .attention import vit_map as _vit_map
+    from .attention import vit_map
     from ...errors import UnsupportedModelError
     from ...core.model import wrap
     from .relevance import gradient_support
 
     m = wrap(model)
     try:
-        _vit_map(m)
+        vit_map(m)
         attention: str | None = None
     except UnsupportedModelError as exc:
         attention = str(exc)
@@ -488,10 +488,10 @@ def run_segmentation(
     """
     import torch
 
-    from ...store.dataset_run import progress_bar as _progress
+    from ...store.dataset_run import progress_bar
     from ...errors import UnsupportedModelError
     from ...core.model import wrap
-    from .relevance import resolve_targets as _targets, attention_pass
+    from .relevance import resolve_targets, attention_pass
 
     m = wrap(model)
     methods = list(dict.fromkeys(methods))
@@ -542,7 +542,7 @@ def run_segmentation(
             chosen = ap.target.cpu()
         else:  # no attention pass: the target from the representation alone
             with torch.no_grad():
-                chosen = _targets(forced, head.logits(m.representation(x))).cpu()
+                chosen = resolve_targets(forced, head.logits(m.representation(x))).cpu()
         t1 = time.perf_counter()
         seconds["attention_pass"] += t1 - t0
         if "decomposition" in active:
@@ -578,7 +578,7 @@ def run_segmentation(
         for ex in examples:
             ex["maps"].pop(name, None)
 
-    bar = _progress(n, enabled=progress, desc="segment")
+    bar = progress_bar(n, enabled=progress, desc="segment")
     pending: list[SegmentationItem] = []
     try:
         for index in range(n):

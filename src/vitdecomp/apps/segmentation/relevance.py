@@ -232,11 +232,11 @@ def chefer_relevance_matrix(
     """
     import torch
 
-    from .attention import resolve_layer as _resolve_layer
+    from .attention import resolve_layer
 
     if len(probs) == 0 or len(probs) != len(grads):
         raise InputError(f"need one gradient per block's attention; got {len(probs)} and {len(grads)}")
-    s0 = _resolve_layer(start_layer, len(probs), "start_layer")
+    s0 = resolve_layer(start_layer, len(probs), "start_layer")
     b, _, n, _ = probs[0].shape
     rel = torch.eye(n, dtype=probs[0].dtype, device=probs[0].device).expand(b, n, n).clone()
     for a, g in zip(probs[s0:], grads[s0:]):
@@ -278,9 +278,9 @@ class AttentionPass:
         return len(self.prefix_types)
 
     def _grid(self, row: torch.Tensor) -> torch.Tensor:
-        from .attention import to_grid as _to_grid
+        from .attention import to_grid
 
-        return _to_grid(row, self.n_prefix, self.grid)
+        return to_grid(row, self.n_prefix, self.grid)
 
     def _need_grads(self, what: str) -> list[torch.Tensor]:
         if self.grads is None:
@@ -289,9 +289,9 @@ class AttentionPass:
 
     def raw_attention(self, layer: int = -1, *, query: Query = "auto") -> torch.Tensor:
         """As :func:`vitdecomp.apps.segmentation.attention.raw_attention`: ``[batch, gh, gw]``."""
-        from .attention import resolve_layer as _resolve_layer
+        from .attention import resolve_layer
 
-        block = _resolve_layer(layer, len(self.probs), "layer")
+        block = resolve_layer(layer, len(self.probs), "layer")
         return self._grid(query_row(self.probs[block].mean(dim=1), self.prefix_types, query))
 
     def rollout(self, start_layer: int = 0, *, query: Query = "auto") -> torch.Tensor:
@@ -300,10 +300,10 @@ class AttentionPass:
 
     def gradcam(self, layer: int = -1, *, query: Query = "auto", variant: GradCamVariant = "chefer") -> torch.Tensor:
         """Attention GradCAM of block ``layer`` (default the last): ``[batch, gh, gw]``, >= 0."""
-        from .attention import resolve_layer as _resolve_layer
+        from .attention import resolve_layer
 
         grads = self._need_grads("GradCAM")
-        block = _resolve_layer(layer, len(self.probs), "layer")
+        block = resolve_layer(layer, len(self.probs), "layer")
         row = gradcam_row(self.probs[block], grads[block], self.prefix_types, query=query, variant=variant)
         return self._grid(row)
 
@@ -351,11 +351,11 @@ def gradient_support(model: Model | nn.Module) -> str | None:
     Cheap (reads the adapter's map, runs nothing). Supported: isotropic timm, open_clip and
     transformers ViTs; Swin / MaxViT (windowed attention) are not.
     """
-    from .attention import vit_map as _vit_map
+    from .attention import vit_map
     from ...core.model import wrap
 
     try:
-        vmap = _vit_map(wrap(model))
+        vmap = vit_map(wrap(model))
         for i, blk in enumerate(vmap.blocks):
             _write_module(blk, i)
     except UnsupportedModelError as exc:
@@ -389,17 +389,17 @@ def attention_pass(
     """
     import torch
 
-    from .attention import check_pixels as _check_pixels, PatternHooks as _PatternHooks, vit_map as _vit_map
+    from .attention import check_pixels, PatternHooks, vit_map
     from ...core.capture import hooks
-    from ...core.decomposition import input_errors as _input_errors, prepared as _prepared
-    from ...core.engines.vit import token_info as _token_info
+    from ...core.decomposition import input_errors, prepared
+    from ...core.engines.vit import token_info
     from ...core.model import wrap
 
     m = wrap(model)
-    _check_pixels(pixels)
+    check_pixels(pixels)
     if gradients and head is None:
         raise InputError("gradients need a target: pass a LogitHead (classifier_head / text_head)")
-    vmap = _vit_map(m)  # fail on Swin/MaxViT before running anything
+    vmap = vit_map(m)  # fail on Swin/MaxViT before running anything
     writers = [_write_module(blk, i) for i, blk in enumerate(vmap.blocks)] if gradients else []
     pre_scale = [after for _, after in writers]
     run_dtype = m.dtype
@@ -418,9 +418,9 @@ def attention_pass(
         return fn
 
     grad_mode = torch.enable_grad() if gradients else nullcontext()
-    with _prepared(m.module, run_dtype), _input_errors(m, x), grad_mode:
-        vmap = _vit_map(m)
-        patterns = _PatternHooks(vmap, dt, keep_values=True)
+    with prepared(m.module, run_dtype), input_errors(m, x), grad_mode:
+        vmap = vit_map(m)
+        patterns = PatternHooks(vmap, dt, keep_values=True)
         specs = patterns.specs()
         if gradients:
             specs += [(writers[layer][0], "output", write(layer)) for layer in range(len(vmap.blocks))]
@@ -445,7 +445,7 @@ def attention_pass(
             for layer, blk in enumerate(vmap.blocks):
                 grads.append(_prob_grads(blk, g_writes[layer], values[layer], probs[layer], dt, batch,
                                          scaled=not pre_scale[layer]))
-    info = _token_info(vmap, x, patterns.n_tokens[0])
+    info = token_info(vmap, x, patterns.n_tokens[0])
     assert info.grid is not None
     return AttentionPass(
         probs=probs,

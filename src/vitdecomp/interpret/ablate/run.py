@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -160,11 +160,7 @@ def take_items(stack: ComponentStack, keep: np.ndarray) -> ComponentStack:
     import torch
 
     idx = torch.as_tensor(np.flatnonzero(keep) if keep.dtype == bool else keep, dtype=torch.long)
-    meta = dict(stack.meta)
-    for key in ("rows", "ids", "valid"):
-        if key in meta:
-            meta[key] = [meta[key][i] for i in idx.tolist()]
-    return replace(stack.take_items(idx), meta=meta)
+    return stack.take_items(idx)  # per-item meta lists follow (ComponentStack.take_items)
 
 
 class _ReferencePass:

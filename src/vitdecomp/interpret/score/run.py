@@ -283,14 +283,14 @@ def score_store(
         encoder = text_tower(model, hint="fit a CompAlign into a CLIP space and pass --align FILE --model CLIP")
 
     bases: dict[str, np.ndarray] = {}
+    embeddings: dict[str, np.ndarray] = {}  # kept for the nulls, which build their bases the same way
     for name, pool in chosen.items():
         emb = embed_templates(encoder, pool.texts, template_list)
         if emb.shape[1] != dim:
             raise InputError(f"text width {emb.shape[1]} != component width {dim}: the text tower must belong to "
                              "the space the components are in")
+        embeddings[name] = emb.double().numpy()
         bases[name] = feature_basis(emb)
-    embeddings = {name: embed_templates(encoder, pool.texts, template_list).double().numpy()
-                  for name, pool in chosen.items()}
     null_texts: TextPool | None = None
     null_emb = None
     if n_null > 0:
